@@ -1,0 +1,85 @@
+"""Make ``lm_eval`` see our models and tasks without extra flags.
+
+lm-eval 0.4.13 has no plugin entry points, so ``harness_lm_eval.pth`` imports this module at
+interpreter start-up. It costs one meta-path finder: nothing is imported until lm-eval itself
+imports its registry or task manager, and then only lazy ``"module:Class"`` placeholders are
+registered, so ``lm_eval --model hf`` pays nothing for us.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+
+from harness import MODEL_NAMES, tasks_dir
+
+_WATCHED = ("lm_eval.api.registry", "lm_eval.tasks.manager")
+
+
+def register_models(registry_module) -> None:
+    registry = registry_module.model_registry
+    for alias, cls_name in MODEL_NAMES.items():
+        if alias not in registry:
+            registry.register(alias, target=f"harness.models:{cls_name}")
+
+
+def add_task_path(manager_module) -> None:
+    cls = manager_module.TaskManager
+    if getattr(cls.__init__, "_harness_patched", False):
+        return
+    original_init = cls.__init__
+
+    def __init__(self, *args, include_path=None, **kwargs):
+        ours = tasks_dir()
+        if include_path is None:
+            include_path = [ours]
+        elif isinstance(include_path, (list, tuple)):
+            include_path = [ours, *[p for p in include_path if str(p) != ours]]
+        elif str(include_path) != ours:
+            include_path = [ours, include_path]
+        original_init(self, *args, include_path=include_path, **kwargs)
+
+    __init__._harness_patched = True
+    __init__.__wrapped__ = original_init
+    cls.__init__ = __init__
+
+
+_AFTER_LOAD = {"lm_eval.api.registry": register_models, "lm_eval.tasks.manager": add_task_path}
+
+
+class _Loader(importlib.abc.Loader):
+    def __init__(self, inner, fullname):
+        self._inner = inner
+        self._fullname = fullname
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module):
+        self._inner.exec_module(module)
+        try:
+            _AFTER_LOAD[self._fullname](module)
+        except Exception as exc:  # never break lm-eval itself
+            print(f"[harness] could not register with lm-eval: {exc!r}", file=sys.stderr)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _WATCHED:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _Loader(spec.loader, fullname)
+        return spec
+
+
+def install() -> None:
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
+    for name in _WATCHED:  # lm-eval already imported (e.g. hook installed late)
+        if name in sys.modules:
+            _AFTER_LOAD[name](sys.modules[name])
+
+
+install()

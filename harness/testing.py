@@ -1,0 +1,71 @@
+"""Tiny random models for fast tests, with the embedded SmolLM2 tokenizer.
+
+They have real architectures (Llama, GPT-2 with Conv1D weights, GPT-J) but a few thousand hidden
+units, so an edit or an evaluation takes well under a second. Weights are random and seeded.
+"""
+
+from __future__ import annotations
+
+import functools
+
+TINY_SIZES = dict(hidden=64, ffn=128, layers=4, heads=4, positions=256)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_files() -> str:
+    """Directory of the SmolLM2 tokenizer (saved once next to the model cache)."""
+    from harness.loading import load_tokenizer
+
+    return load_tokenizer().name_or_path
+
+
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    from harness.loading import load_tokenizer, prepare_tokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(_tokenizer_files())
+    except OSError:
+        tok = load_tokenizer()
+    return prepare_tokenizer(tok)
+
+
+def tiny_config(arch: str, vocab_size: int, **overrides):
+    from transformers import GPT2Config, GPTJConfig, LlamaConfig
+
+    s = {**TINY_SIZES, **overrides}
+    if arch == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["ffn"],
+            num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+            num_key_value_heads=s["heads"], max_position_embeddings=s["positions"],
+            tie_word_embeddings=False,
+        )
+    if arch == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size, n_embd=s["hidden"], n_inner=s["ffn"], n_layer=s["layers"],
+            n_head=s["heads"], n_positions=s["positions"],
+        )
+    if arch == "gptj":
+        return GPTJConfig(
+            vocab_size=vocab_size, n_embd=s["hidden"], n_inner=s["ffn"], n_layer=s["layers"],
+            n_head=s["heads"], n_positions=s["positions"], rotary_dim=s["hidden"] // s["heads"],
+        )
+    raise ValueError(f"tiny models exist for 'llama', 'gpt2', 'gptj', not {arch!r}")
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    """(model, tokenizer): a small random model of ``arch`` on CPU in float32, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    config = tiny_config(arch, len(tok), **overrides)
+    config.pad_token_id = tok.pad_token_id
+    config.bos_token_id = tok.bos_token_id
+    config.eos_token_id = tok.eos_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    return model, tok
