@@ -1,0 +1,405 @@
+"""Plots and an HTML report from sequential-editing run directories.
+
+``seqedit report RUN_DIR [RUN_DIR ...] --out reports/`` writes ``report.html`` and, under
+``figures/``, PNG and SVG files, per model:
+
+- editing metrics against the number of edits, one panel per metric, one line per method
+  (the LyapLock paper's Figure 3);
+- preservation loss per edited layer against the number of edits with each method's threshold
+  dashed (its Figure 4);
+- the virtual queue Z and the queue weight q of LyapLock-family methods, per layer;
+- seconds per edit batch; general-capability metrics against the number of edits.
+
+The page embeds the figures by relative path, the leaderboard tables (rendered by
+:mod:`harness.leaderboard`) and a summary of each run's manifest. Figures are drawn on
+matplotlib's Agg canvas without pyplot, so nothing global is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
+
+from harness import leaderboard
+from harness.resultsdir import (
+    EDITING_METRICS,
+    GeneralMetric,
+    MethodRun,
+    RunDir,
+    RunDirError,
+    load_runs,
+)
+
+EDITS_AXIS = "number of edits"
+SECONDS_AXIS = "seconds per batch"
+PRESERVATION_AXIS = "preservation loss D_t (mean squared output change)"
+QUEUE_AXIS = "virtual queue Z (units of sqrt(D))"
+Q_AXIS = "queue weight q = a·Z (dimensionless)"
+QUEUE_TITLES = {"queue": "virtual queue Z", "q": "queue weight q"}
+LOG_SCALE_SPAN = 100.0  # a series spanning more than two decades is drawn on a log axis
+FIGURES_DIR = "figures"
+PANEL_SIZE = (4.6, 3.4)  # inches per panel
+MAX_COLUMNS = 3
+PNG_DPI = 110
+THRESHOLD_LINESTYLE = "--"
+RUN_LINESTYLES = ("-", "-.", ":")  # never the threshold's dashes
+# deterministic SVGs: fixed ids, text as paths (renders the same without the fonts installed)
+SAVE_RC = {"svg.hashsalt": "seqedit-report", "svg.fonttype": "path"}
+
+
+@dataclass
+class Series:
+    """One method of one run: a line in every plot of its model."""
+
+    run: MethodRun
+    label: str
+    color: str
+    linestyle: str
+
+
+@dataclass
+class Plot:
+    stem: str  # file name without extension, under figures/
+    title: str
+    caption: str
+    figure: Figure
+    model: str
+
+
+# ---------------------------------------------------------------------------- series
+
+
+def build_series(runs: list[RunDir]) -> list[Series]:
+    """Colours follow the method, so a method looks the same in every figure; the line style
+    tells apart runs of one method (edited with CounterFact or with ZsRE, say)."""
+    palette = matplotlib.colormaps["tab10"].colors
+    method_runs = [m for run in runs for m in run.methods]
+    methods = list(dict.fromkeys(m.method for m in method_runs))
+    colors = {m: to_hex(palette[i % len(palette)]) for i, m in enumerate(methods)}
+    series = []
+    for m in method_runs:
+        same_method = [o for o in method_runs if o.model == m.model and o.method == m.method]
+        label = m.method
+        if len(same_method) > 1:
+            label += f" ({m.edit_data})"
+            if sum(o.edit_data == m.edit_data for o in same_method) > 1:
+                label += f" [{m.run_path.name}]"
+        style = RUN_LINESTYLES[same_method.index(m) % len(RUN_LINESTYLES)]
+        series.append(Series(m, label, colors[m.method], style))
+    return series
+
+
+def _checkpoint_points(run: MethodRun, extract: Callable, key) -> tuple[list, list, list]:
+    """``extract`` is ``MethodRun.editing_at`` or ``MethodRun.general_at``."""
+    xs, means, errs = [], [], []
+    for edits in run.checkpoints:
+        value = extract(run, edits).get(key)
+        if value is not None:
+            xs.append(edits)
+            means.append(value.mean)
+            errs.append(value.stderr)
+    return xs, means, errs
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def _grid(n_panels: int, title: str) -> tuple[Figure, list]:
+    cols = min(MAX_COLUMNS, max(n_panels, 1))
+    rows = -(-n_panels // cols)
+    fig = Figure(figsize=(PANEL_SIZE[0] * cols + 1.8, PANEL_SIZE[1] * rows + 0.6),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=13)
+    return fig, axes[:n_panels]
+
+
+def _finish(fig: Figure, axes: list) -> None:
+    """One legend per figure, outside the panels, naming every line once."""
+    handles, labels = {}, []
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
+    if labels:
+        fig.legend([handles[lbl] for lbl in labels], labels, loc="outside right upper",
+                   fontsize=8)
+
+
+def _log_if_wide(ax, values: list[float]) -> None:
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) / min(positive) > LOG_SCALE_SPAN:
+        ax.set_yscale("log")
+
+
+def editing_figure(model: str, series: list[Series]) -> Plot | None:
+    editing = MethodRun.editing_at
+    specs = [
+        s for s in EDITING_METRICS
+        if any(_checkpoint_points(x.run, editing, s.key)[0] for x in series)
+    ]
+    if not specs:
+        return None
+    fig, axes = _grid(len(specs), f"Editing metrics vs number of edits: {model}")
+    for ax, spec in zip(axes, specs):
+        for line in series:
+            xs, means, errs = _checkpoint_points(line.run, editing, spec.key)
+            if not xs:
+                continue
+            ax.plot(xs, means, marker="o", markersize=3, color=line.color,
+                    linestyle=line.linestyle, label=line.label)
+            if all(e is not None for e in errs):
+                ax.fill_between(xs, [m - e for m, e in zip(means, errs)],
+                                [m + e for m, e in zip(means, errs)], color=line.color, alpha=0.15)
+        ax.set(title=spec.title, xlabel=EDITS_AXIS, ylabel=spec.axis_label)
+        ax.grid(alpha=0.3)
+    _finish(fig, axes)
+    return Plot(_stem(model, "editing_metrics"), f"Editing metrics: {model}",
+                "Mean over the edited records at each evaluated checkpoint (0 = pre-edited); "
+                "shaded: ± one standard error.", fig, model)
+
+
+def preservation_figure(model: str, series: list[Series]) -> Plot | None:
+    layers = list(dict.fromkeys(
+        layer for s in series for layer in s.run.layer_series("preservation_loss")
+    ))
+    if not layers:
+        return None
+    fig, axes = _grid(len(layers), f"Preservation loss per layer vs number of edits: {model}")
+    for ax, layer in zip(axes, layers):
+        plotted = []
+        for line in series:
+            xs, ys = line.run.layer_series("preservation_loss").get(layer, ([], []))
+            if xs:
+                ax.plot(xs, ys, color=line.color, linestyle=line.linestyle, label=line.label)
+                plotted += ys
+            txs, tys = line.run.layer_series("threshold").get(layer, ([], []))
+            if txs:
+                ax.plot(txs, tys, color=line.color, linestyle=THRESHOLD_LINESTYLE, linewidth=1.2,
+                        label=f"{line.label} threshold")
+                plotted += tys
+        _log_if_wide(ax, plotted)
+        ax.set(title=f"layer {layer}", xlabel=EDITS_AXIS)
+        ax.set_ylabel(PRESERVATION_AXIS, fontsize=8)
+        ax.grid(alpha=0.3)
+    _finish(fig, axes)
+    return Plot(_stem(model, "preservation_loss"), f"Preservation loss: {model}",
+                "Mean squared change of each edited layer's output on generic text relative to "
+                "the original model, after each batch; dashed: the LyapLock threshold.", fig, model)
+
+
+def queue_figure(line: Series) -> Plot | None:
+    fields = [(f, axis) for f, axis in (("queue", QUEUE_AXIS), ("q", Q_AXIS))
+              if line.run.layer_series(f)]
+    if not fields:
+        return None
+    model = line.run.model
+    fig, axes = _grid(len(fields), f"LyapLock virtual queue: {line.label} on {model}")
+    layers = list(line.run.layer_series(fields[0][0]))
+    shades = matplotlib.colormaps["viridis"]
+    for ax, (field_name, axis) in zip(axes, fields):
+        for i, (layer, (xs, ys)) in enumerate(line.run.layer_series(field_name).items()):
+            ax.plot(xs, ys, color=shades(i / max(len(layers) - 1, 1)), label=f"layer {layer}")
+        ax.set(title=QUEUE_TITLES[field_name], xlabel=EDITS_AXIS)
+        ax.set_ylabel(axis)
+        ax.grid(alpha=0.3)
+    _finish(fig, axes)
+    return Plot(_stem(model, line.label, "queue"), f"Queue of {line.label}: {model}",
+                "Z grows while a layer's preservation loss exceeds its threshold; q = a·Z "
+                "weights the pull back to the original model in the next batch (never below 1).",
+                fig, model)
+
+
+def edit_time_figure(model: str, series: list[Series]) -> Plot | None:
+    lines = [(s, s.run.batch_series("edit_seconds")) for s in series]
+    lines = [(s, xy) for s, xy in lines if xy[0]]
+    if not lines:
+        return None
+    fig, axes = _grid(1, f"Edit time per batch: {model}")
+    ax = axes[0]
+    for line, (xs, ys) in lines:
+        ax.plot(xs, ys, color=line.color, linestyle=line.linestyle, marker=".", markersize=3,
+                label=line.label)
+    ax.set(title="seconds per edit batch", xlabel=EDITS_AXIS, ylabel=SECONDS_AXIS)
+    ax.grid(alpha=0.3)
+    _finish(fig, axes)
+    return Plot(_stem(model, "edit_seconds"), f"Edit time: {model}",
+                "Wall-clock seconds spent computing and applying each batch of edits "
+                "(evaluation excluded).", fig, model)
+
+
+def general_figure(model: str, series: list[Series]) -> Plot | None:
+    general = MethodRun.general_at
+    metrics: list[GeneralMetric] = list(dict.fromkeys(
+        key for s in series for edits in s.run.checkpoints for key in general(s.run, edits)
+    ))
+    if not metrics:
+        return None
+    metrics.sort(key=lambda g: g.task)
+    fig, axes = _grid(len(metrics), f"General capability vs number of edits: {model}")
+    for ax, metric in zip(axes, metrics):
+        for line in series:
+            xs, means, _ = _checkpoint_points(line.run, general, metric)
+            if xs:
+                ax.plot(xs, means, marker="o", markersize=3, color=line.color,
+                        linestyle=line.linestyle, label=line.label)
+        ax.set(title=metric.task, xlabel=EDITS_AXIS, ylabel=metric.label)
+        ax.grid(alpha=0.3)
+    _finish(fig, axes)
+    return Plot(_stem(model, "general_capability"), f"General capability: {model}",
+                "lm-eval metrics of the general-capability tasks at each checkpoint "
+                "(0 = pre-edited).", fig, model)
+
+
+def build_plots(runs: list[RunDir]) -> list[Plot]:
+    series = build_series(runs)
+    plots = []
+    for model in dict.fromkeys(s.run.model for s in series):
+        of_model = [s for s in series if s.run.model == model]
+        plots += [
+            editing_figure(model, of_model),
+            preservation_figure(model, of_model),
+            *(queue_figure(s) for s in of_model if s.run.lyaplock_family),
+            edit_time_figure(model, of_model),
+            general_figure(model, of_model),
+        ]
+    return [p for p in plots if p is not None]
+
+
+def save_plot(plot: Plot, figures_dir: Path) -> None:
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    with matplotlib.rc_context(SAVE_RC):
+        plot.figure.savefig(figures_dir / f"{plot.stem}.png", dpi=PNG_DPI)
+        # the first save laid the panels out; keep those positions rather than solving again
+        plot.figure.set_layout_engine("none")
+        plot.figure.savefig(figures_dir / f"{plot.stem}.svg", metadata={"Date": None})
+
+
+def _stem(*parts: str) -> str:
+    """A file name from a model name, a line label and the figure kind."""
+    return "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p).strip("-").lower() for p in parts)
+
+
+# ---------------------------------------------------------------------------- page
+
+
+MANIFEST_COLUMNS = ("Run", "Model", "Methods", "Edit data", "Edits", "Batch size",
+                    "Eval every", "Seed", "Git commit", "Versions", "Hardware", "Started")
+
+
+def manifest_row(run: RunDir) -> list[str]:
+    config, manifest = run.config, run.manifest
+    missing = leaderboard.MISSING
+
+    def text(value) -> str:
+        if value is None or value == "":
+            return missing
+        if isinstance(value, dict):
+            return "; ".join(f"{k} {text(v)}" for k, v in value.items()) or missing
+        if isinstance(value, (list, tuple)):
+            return ", ".join(text(v) for v in value) or missing
+        return str(value)
+
+    return [
+        str(run.path),
+        f"{run.model} ({config['model']})" if config.get("model") else run.model,
+        text(config.get("methods") or [m.method for m in run.methods]),
+        text(config.get("edit_data")),
+        text(config.get("num_edits")),
+        text(config.get("edit_batch_size")),
+        text(config.get("eval_every")),
+        text(config.get("seed")),
+        text(manifest.get("git_commit"))[:12],
+        text(manifest.get("versions")),
+        text(manifest.get("hardware")),
+        text(manifest.get("started")),
+    ]
+
+
+def manifests_html(runs: list[RunDir]) -> str:
+    e = html.escape
+    head = "".join(f'<th scope="col">{e(c)}</th>' for c in MANIFEST_COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{e(v)}</td>" for v in manifest_row(run)) + "</tr>"
+        for run in runs
+    )
+    return (f'<section id="runs"><h2>Runs</h2><div class="scroll"><table><thead><tr>{head}'
+            f"</tr></thead><tbody>{body}</tbody></table></div></section>")
+
+
+def figures_html(plots: list[Plot]) -> str:
+    e = html.escape
+    parts = ['<section id="figures">']
+    for model in dict.fromkeys(p.model for p in plots):
+        parts.append(f"<h2>Figures: {e(model)}</h2>")
+        for p in (p for p in plots if p.model == model):
+            png, svg = f"{FIGURES_DIR}/{p.stem}.png", f"{FIGURES_DIR}/{p.stem}.svg"
+            parts.append(
+                f'<figure id="{e(p.stem)}"><img src="{e(png)}" alt="{e(p.title)}">'
+                f"<figcaption><strong>{e(p.title)}.</strong> {e(p.caption)} "
+                f'<a href="{e(svg)}">SVG</a></figcaption></figure>'
+            )
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def report_html(runs: list[RunDir], plots: list[Plot], edits: int | None) -> str:
+    try:
+        board = leaderboard.build_leaderboard(runs, edits)
+    except RunDirError as err:
+        board = None
+        tables = f'<h2>Leaderboard</h2><ul class="notes"><li>{html.escape(str(err))}</li></ul>'
+    if board is not None:
+        tables = "\n".join(leaderboard.table_to_html(t) for t in board.tables)
+    notes = board.notes if board is not None else [n for r in runs for n in r.notes]
+    body = "\n".join([
+        manifests_html(runs), tables, figures_html(plots), leaderboard.notes_html(notes),
+    ])
+    return leaderboard.html_page("Sequential editing report", body)
+
+
+def write_report(runs: list[RunDir], out: Path, edits: int | None = None) -> tuple[Path, list[Plot]]:
+    plots = build_plots(runs)
+    for plot in plots:
+        save_plot(plot, out / FIGURES_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    page = out / "report.html"
+    page.write_text(report_html(runs, plots, edits), encoding="utf-8")
+    return page, plots
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="seqedit report",
+        description="Plots (PNG, SVG) and an HTML report from sequential-editing runs.",
+    )
+    leaderboard.add_run_arguments(parser)
+    parser.add_argument("--out", type=Path, default=Path("reports"),
+                        help="output directory (default: reports/)")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_runs(args.runs)
+    except RunDirError as err:
+        print(f"seqedit report: error: {err}", file=sys.stderr)
+        return 2
+    page, plots = write_report(runs, args.out, args.edits)
+    print(f"wrote {page} and {len(plots)} figures (PNG + SVG) under {args.out / FIGURES_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

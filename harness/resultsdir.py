@@ -1,0 +1,414 @@
+"""Reading the run directories written by the sequential driver.
+
+A run directory holds ``manifest.json`` (the run's config, model, versions) and one directory
+per editing method with ``trace.jsonl`` (one object per edit batch) and
+``checkpoints/edits_NNNNNN/results.json`` (lm-eval's results JSON after NNNNNN edits; NNNNNN = 0
+is the pre-edited model). Everything that knows this layout or lm-eval's ``"<metric>,<filter>"``
+key convention lives here, so the leaderboard and the report read the same numbers.
+
+Editing metrics are found in any results entry whose task name starts with the dataset's task
+prefix (``counterfact_edit``, ``zsre_edit``); every other entry is general capability. A metric a
+checkpoint does not report is absent, never zero.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MANIFEST_FILE = "manifest.json"
+TRACE_FILE = "trace.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+RESULTS_FILE = "results.json"
+CHECKPOINT_PATTERN = re.compile(r"^edits_(\d+)$")
+
+STDERR_SUFFIX = "_stderr"
+DEFAULT_FILTER = "none"
+
+
+class RunDirError(ValueError):
+    """A path is not a readable run directory, or a file in it is malformed."""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    mean: float
+    stderr: float | None = None
+
+
+@dataclass(frozen=True)
+class EditingDataset:
+    name: str  # as in the run config's edit_data: "counterfact" | "zsre"
+    title: str
+    task_prefix: str
+
+
+COUNTERFACT = EditingDataset("counterfact", "CounterFact", "counterfact_edit")
+ZSRE = EditingDataset("zsre", "ZsRE", "zsre_edit")
+EDITING_DATASETS = (COUNTERFACT, ZSRE)
+
+
+@dataclass(frozen=True)
+class EditingMetric:
+    dataset: EditingDataset
+    name: str  # lm-eval metric name, before the ",<filter>"
+    label: str  # column header of the LyapLock paper's Table 1
+    axis_label: str  # with units, for plots
+    definition: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset.name}/{self.name}"
+
+    @property
+    def title(self) -> str:
+        return f"{self.dataset.title} {self.name}"
+
+
+# Table 1 of the LyapLock paper, in its column order; all are x100 and higher is better.
+EDITING_METRICS = (
+    EditingMetric(COUNTERFACT, "efficacy", "Eff.", "efficacy (% of edits)",
+                  "% of edited prompts where the new object beats the true one"),
+    EditingMetric(COUNTERFACT, "generalization", "Gen.", "generalization (% of paraphrases)",
+                  "same test on paraphrases of the edited prompt"),
+    EditingMetric(COUNTERFACT, "specificity", "Spe.", "specificity (% of neighbours)",
+                  "% of neighbourhood prompts where the true object still wins"),
+    EditingMetric(COUNTERFACT, "fluency", "Flu.", "fluency (n-gram entropy x100)",
+                  "weighted 2-/3-gram entropy of generated text, x100"),
+    EditingMetric(COUNTERFACT, "consistency", "Consis.", "consistency (TF-IDF cosine x100)",
+                  "TF-IDF similarity of generated text to reference text about the new object, x100"),
+    EditingMetric(ZSRE, "efficacy", "Eff.", "efficacy (% of target tokens)",
+                  "token-level top-1 accuracy of the new answer on the edited question"),
+    EditingMetric(ZSRE, "generalization", "Gen.", "generalization (% of target tokens)",
+                  "same accuracy on the rephrased question"),
+    EditingMetric(ZSRE, "specificity", "Spe.", "specificity (% of target tokens)",
+                  "token-level accuracy of the true answer on unrelated NQ questions"),
+)
+
+EDITING_METRIC_BY_KEY = {spec.key: spec for spec in EDITING_METRICS}
+
+
+@dataclass(frozen=True)
+class GeneralMetric:
+    """One (task, lm-eval metric key) of a general-capability task."""
+
+    task: str
+    metric_key: str  # "<metric>,<filter>" exactly as lm-eval writes it
+
+    @property
+    def metric(self) -> str:
+        return self.metric_key.split(",", 1)[0]
+
+    @property
+    def label(self) -> str:
+        name, _, filt = self.metric_key.partition(",")
+        return name if filt in ("", DEFAULT_FILTER) else f"{name} [{filt}]"
+
+
+@dataclass
+class Checkpoint:
+    edits: int
+    path: Path
+    results: dict
+
+    def task_metrics(self) -> dict[str, dict]:
+        return self.results.get("results") or {}
+
+    def group_names(self) -> set[str]:
+        subtasks = self.results.get("group_subtasks") or {}
+        return {name for name, children in subtasks.items() if children}
+
+    def editing(self) -> dict[str, Measurement]:
+        """Editing metrics by ``EditingMetric.key``, where this checkpoint reports them."""
+        tasks = self.task_metrics()
+        groups = self.group_names()
+        found = {}
+        for spec in EDITING_METRICS:
+            names = [t for t in tasks if t.startswith(spec.dataset.task_prefix)]
+            # a group may repeat its subtask's number as an aggregate: the subtask is the source
+            names.sort(key=lambda t: t in groups)
+            for task in names:
+                value = _measurement(tasks[task], spec.name)
+                if value is not None:
+                    found[spec.key] = value
+                    break
+        return found
+
+    def general(self) -> dict[GeneralMetric, Measurement]:
+        """Every numeric metric of the non-editing tasks.
+
+        A task inside a group that reports its own aggregate is represented by that group only,
+        so a 57-subject MMLU shows up as one column set, not 57.
+        """
+        tasks = self.task_metrics()
+        subtasks = self.results.get("group_subtasks") or {}
+        editing_prefixes = tuple(d.task_prefix for d in EDITING_DATASETS)
+        general_tasks = [t for t in tasks if not t.startswith(editing_prefixes)]
+        reporting = {t for t in general_tasks if _metric_keys(tasks[t])}
+        hidden = set()
+        for group in reporting:
+            hidden |= _descendants(group, subtasks)
+        found = {}
+        for task in sorted(reporting - hidden):
+            for key in _metric_keys(tasks[task]):
+                value = _measurement_by_key(tasks[task], key)
+                if value is not None:
+                    found[GeneralMetric(task, key)] = value
+        return found
+
+    def higher_is_better(self, metric: GeneralMetric) -> bool | None:
+        return (self.results.get("higher_is_better") or {}).get(metric.task, {}).get(metric.metric)
+
+
+@dataclass
+class MethodRun:
+    """One method's directory inside a run directory."""
+
+    method: str
+    path: Path
+    run_path: Path
+    model: str
+    edit_data: str
+    trace: list[dict]
+    checkpoints: dict[int, Checkpoint]  # by number of edits, ascending
+
+    @property
+    def dataset(self) -> str | None:
+        return dataset_of(self.edit_data)
+
+    def editing_at(self, edits: int) -> dict[str, Measurement]:
+        """Editing metrics after ``edits`` edits that describe edits of their own dataset.
+
+        A ZsRE task run inside a CounterFact run scores CounterFact records, so its numbers are
+        not ZsRE editing results; a run whose edit data is not recognisable keeps everything.
+        """
+        found = self.checkpoints[edits].editing() if edits in self.checkpoints else {}
+        return {
+            key: value for key, value in found.items()
+            if self.dataset in (EDITING_METRIC_BY_KEY[key].dataset.name, None)
+        }
+
+    def general_at(self, edits: int) -> dict[GeneralMetric, Measurement]:
+        return self.checkpoints[edits].general() if edits in self.checkpoints else {}
+
+    @property
+    def lyaplock_family(self) -> bool:
+        """Methods that keep a Lyapunov virtual queue report it per layer in their trace."""
+        return any("queue" in layer for batch in self.trace for layer in _layers(batch).values())
+
+    def layer_series(self, field_name: str) -> dict[str, tuple[list[int], list[float]]]:
+        """``{layer: (edits_done, values)}`` of one per-layer trace field, layers in numeric order."""
+        series: dict[str, tuple[list[int], list[float]]] = {}
+        for batch in self.trace:
+            for layer, values in _layers(batch).items():
+                value = _number(values.get(field_name))
+                if value is not None and "edits_done" in batch:
+                    xs, ys = series.setdefault(layer, ([], []))
+                    xs.append(int(batch["edits_done"]))
+                    ys.append(value)
+        return dict(sorted(series.items(), key=lambda kv: _layer_order(kv[0])))
+
+    def batch_series(self, field_name: str) -> tuple[list[int], list[float]]:
+        xs, ys = [], []
+        for batch in self.trace:
+            value = _number(batch.get(field_name))
+            if value is not None and "edits_done" in batch:
+                xs.append(int(batch["edits_done"]))
+                ys.append(value)
+        return xs, ys
+
+
+@dataclass
+class RunDir:
+    path: Path
+    manifest: dict
+    methods: list[MethodRun]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def config(self) -> dict:
+        return self.manifest.get("config") or {}
+
+    @property
+    def model(self) -> str:
+        return model_name(self.manifest)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def model_name(manifest: dict) -> str:
+    config = manifest.get("config") or {}
+    return str(manifest.get("model_name") or config.get("model") or "unknown model")
+
+
+def dataset_of(edit_data: str | None) -> str | None:
+    """Which editing dataset an ``edit_data`` spec (a name or a path) holds, if recognisable."""
+    if not edit_data:
+        return None
+    base = os.path.basename(str(edit_data)).lower()
+    if "zsre" in base:
+        return ZSRE.name
+    if "counterfact" in base or base.startswith("mcf"):
+        return COUNTERFACT.name
+    return None
+
+
+def load_runs(paths) -> list[RunDir]:
+    """Read run directories; a path without a manifest is searched one level down for runs."""
+    runs = []
+    for raw in paths:
+        path = Path(raw)
+        if (path / MANIFEST_FILE).is_file():
+            runs.append(load_run(path))
+            continue
+        children = sorted(p.parent for p in path.glob(f"*/{MANIFEST_FILE}")) if path.is_dir() else []
+        if not children:
+            raise RunDirError(
+                f"{path} is not a run directory: no {MANIFEST_FILE} in it or in its subdirectories. "
+                "Pass the output directory the sequential driver wrote."
+            )
+        runs.extend(load_run(child) for child in children)
+    return runs
+
+
+def load_run(path: Path) -> RunDir:
+    path = Path(path)
+    manifest = _read_json(path / MANIFEST_FILE)
+    if not isinstance(manifest, dict):
+        raise RunDirError(f"{path / MANIFEST_FILE}: expected a JSON object")
+    config = manifest.get("config") or {}
+    declared = [str(m) for m in config.get("methods") or []]
+    on_disk = sorted(
+        p.name for p in path.iterdir()
+        if p.is_dir() and ((p / TRACE_FILE).is_file() or (p / CHECKPOINTS_DIR).is_dir())
+    )
+    run = RunDir(path=path, manifest=manifest, methods=[])
+    for method in declared + [m for m in on_disk if m not in declared]:
+        method_path = path / method
+        if method not in on_disk:
+            run.notes.append(f"{path.name}: method {method} has no results yet (no {method}/ directory)")
+            continue
+        run.methods.append(MethodRun(
+            method=method,
+            path=method_path,
+            run_path=path,
+            model=run.model,
+            edit_data=str(config.get("edit_data") or ""),
+            trace=read_trace(method_path / TRACE_FILE),
+            checkpoints=read_checkpoints(method_path / CHECKPOINTS_DIR),
+        ))
+    return run
+
+
+def read_trace(path: Path) -> list[dict]:
+    """The per-batch trace, one entry per batch (the last one written wins after a resume)."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    batches: dict[int, dict] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                # a run killed mid-write leaves a truncated last line; the rest is still valid
+                warnings.warn(f"{path}:{number}: ignoring truncated last line ({err})", stacklevel=2)
+                continue
+            raise RunDirError(f"{path}:{number}: not valid JSON ({err})") from err
+        key = entry.get("batch", len(batches))
+        batches.pop(key, None)
+        batches[key] = entry
+    return sorted(batches.values(), key=lambda b: (b.get("edits_done", 0), b.get("batch", 0)))
+
+
+def read_checkpoints(path: Path) -> dict[int, Checkpoint]:
+    """Evaluated checkpoints by number of edits; a checkpoint without results yet is skipped."""
+    checkpoints = {}
+    if not path.is_dir():
+        return checkpoints
+    for child in path.iterdir():
+        match = CHECKPOINT_PATTERN.match(child.name)
+        results_path = child / RESULTS_FILE
+        if match and results_path.is_file():
+            edits = int(match.group(1))
+            results = _read_json(results_path)
+            if not isinstance(results, dict) or not isinstance(results.get("results"), dict):
+                raise RunDirError(
+                    f"{results_path}: not an lm-eval results JSON (no \"results\" object)"
+                )
+            checkpoints[edits] = Checkpoint(edits=edits, path=results_path, results=results)
+    return dict(sorted(checkpoints.items()))
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise RunDirError(f"{path}: missing") from err
+    except json.JSONDecodeError as err:
+        raise RunDirError(f"{path}: not valid JSON ({err})") from err
+
+
+def _number(value) -> float | None:
+    """A finite float, or None for "N/A", null, NaN and non-numbers (unavailable is not zero)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _metric_keys(task_metrics: dict) -> list[str]:
+    """The ``"<metric>,<filter>"`` keys holding values (not stderrs, not the alias)."""
+    keys = []
+    for key, value in task_metrics.items():
+        name, sep, _ = key.partition(",")
+        if sep and not name.endswith(STDERR_SUFFIX) and _number(value) is not None:
+            keys.append(key)
+    return keys
+
+
+def _measurement_by_key(task_metrics: dict, key: str) -> Measurement | None:
+    mean = _number(task_metrics.get(key))
+    if mean is None:
+        return None
+    name, _, filt = key.partition(",")
+    return Measurement(mean, _number(task_metrics.get(f"{name}{STDERR_SUFFIX},{filt}")))
+
+
+def _measurement(task_metrics: dict, metric: str) -> Measurement | None:
+    """A metric under lm-eval's default filter if present, otherwise under any filter."""
+    keys = [k for k in _metric_keys(task_metrics) if k.partition(",")[0] == metric]
+    keys.sort(key=lambda k: k.partition(",")[2] != DEFAULT_FILTER)
+    for key in keys:
+        value = _measurement_by_key(task_metrics, key)
+        if value is not None:
+            return value
+    return None
+
+
+def _descendants(group: str, subtasks: dict[str, list[str]]) -> set[str]:
+    found, stack = set(), list(subtasks.get(group) or [])
+    while stack:
+        child = stack.pop()
+        if child not in found:
+            found.add(child)
+            stack.extend(subtasks.get(child) or [])
+    return found
+
+
+def _layers(batch: dict) -> dict[str, dict]:
+    layers = batch.get("layers") or {}
+    return {str(k): v for k, v in layers.items() if isinstance(v, dict)}
+
+
+def _layer_order(layer: str):
+    return (0, int(layer), "") if layer.lstrip("-").isdigit() else (1, 0, layer)

@@ -1,0 +1,281 @@
+"""The report: plots from run directories and the HTML page embedding them.
+
+Runs are the leaderboard tests' fixtures (the sequential driver's format with known numbers).
+The page is opened in headless Chromium; without Chromium the browser tests fail under CI and
+are skipped elsewhere with the install command.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from test_leaderboard import SMOLLM, write_run
+
+from harness import report
+from harness.resultsdir import load_runs
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+# what a page's own problems look like in Chromium's stderr log (not its dbus/gpu chatter)
+CONSOLE_PROBLEM = re.compile(r"CONSOLE|Uncaught|Failed to load")
+# appended to a copy of the page: reports every image that did not decode, counts the rest
+IMAGE_CHECK_SCRIPT = """<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const broken = images.filter((i) => !i.complete || i.naturalWidth === 0);
+  broken.forEach((i) => console.error("image did not load: " + i.getAttribute("src")));
+  document.body.setAttribute("data-images-loaded", String(images.length - broken.length));
+});
+</script>"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return [
+        write_run(root, "smollm2_counterfact", SMOLLM, "counterfact", ["memit", "lyaplock"], 200,
+                  [0, 50, 100, 150, 200]),
+        write_run(root, "smollm2_zsre", SMOLLM, "zsre", ["memit", "lyaplock"], 150,
+                  [0, 50, 100, 150]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def written(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    page, plots = report.write_report(load_runs(runs), out)
+    return out, page, plots
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.links = [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        elif tag == "a":
+            self.links.append(attrs["href"])
+
+
+def links_of(page: Path) -> _Links:
+    parser = _Links()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def test_one_figure_of_each_kind(written):
+    _, _, plots = written
+    assert [p.stem for p in plots] == [
+        "smollm2-135m-instruct_editing_metrics",
+        "smollm2-135m-instruct_preservation_loss",
+        "smollm2-135m-instruct_lyaplock-counterfact_queue",
+        "smollm2-135m-instruct_lyaplock-zsre_queue",
+        "smollm2-135m-instruct_edit_seconds",
+        "smollm2-135m-instruct_general_capability",
+    ]
+
+
+def test_every_figure_has_title_axis_labels_and_legend(written):
+    _, _, plots = written
+    for plot in plots:
+        assert plot.figure._suptitle.get_text(), plot.stem
+        assert plot.figure.legends, f"{plot.stem}: no legend"
+        for ax in (a for a in plot.figure.axes if a.get_visible()):
+            assert ax.get_title(), plot.stem
+            assert ax.get_xlabel() == "number of edits", plot.stem
+            assert ax.get_ylabel(), plot.stem
+    by_kind = {p.stem.split("_", 1)[1]: p for p in plots}
+    assert {a.get_ylabel() for a in by_kind["edit_seconds"].figure.axes} == {"seconds per batch"}
+    assert {a.get_ylabel() for a in by_kind["preservation_loss"].figure.axes} == {
+        "preservation loss D_t (mean squared output change)"}
+
+
+def visible_axes(plot):
+    return [a for a in plot.figure.axes if a.get_visible()]
+
+
+def line(ax, label):
+    [found] = [x for x in ax.get_lines() if x.get_label() == label]
+    return found
+
+
+def test_editing_panels_one_line_per_method_with_the_run_numbers(written):
+    _, _, plots = written
+    editing = visible_axes(plots[0])
+    assert [a.get_title() for a in editing] == [
+        "CounterFact efficacy", "CounterFact generalization", "CounterFact specificity",
+        "CounterFact fluency", "ZsRE efficacy", "ZsRE generalization", "ZsRE specificity",
+    ]  # no consistency panel: no run reports it
+    cf_eff, zsre_eff = editing[0], editing[4]
+    lyap = line(cf_eff, "lyaplock (counterfact)")
+    assert list(lyap.get_xdata()) == [0, 50, 100, 150, 200]
+    assert list(lyap.get_ydata()) == [21.0, 98.5, 98.0, 97.5, 97.0]
+    # the ZsRE task inside the CounterFact run scores CounterFact records: not drawn as ZsRE
+    assert sorted(x.get_label() for x in zsre_eff.get_lines()) == ["lyaplock (zsre)", "memit (zsre)"]
+    assert list(line(zsre_eff, "memit (zsre)").get_ydata()) == [35.0, 89.0, 84.0, 79.0]
+    # one colour per method, a line style per run of it
+    memit_cf = line(editing[1], "memit (counterfact)")
+    memit_zsre = line(editing[5], "memit (zsre)")
+    assert memit_cf.get_color() == memit_zsre.get_color()
+    assert memit_cf.get_linestyle() != memit_zsre.get_linestyle()
+
+
+def test_preservation_loss_per_layer_with_dashed_thresholds_and_log_axis(written, runs):
+    _, _, plots = written
+    panels = visible_axes(plots[1])
+    assert [a.get_title() for a in panels] == ["layer 4", "layer 5", "layer 6"]
+    for ax in panels:
+        thresholds = [x for x in ax.get_lines() if x.get_label().endswith("threshold")]
+        assert sorted(x.get_label() for x in thresholds) == [
+            "lyaplock (counterfact) threshold", "lyaplock (zsre) threshold"]
+        assert all(x.get_linestyle() == "--" for x in thresholds)
+        assert all(x.get_linestyle() != "--" for x in ax.get_lines() if x not in thresholds)
+        assert ax.get_yscale() == "log"  # memit grows 400-fold over 20 batches
+    memit = line(panels[0], "memit (counterfact)")
+    assert list(memit.get_xdata())[:3] == [10, 20, 30]
+    assert list(memit.get_ydata())[:3] == pytest.approx([1e-4, 4e-4, 9e-4])
+    # less than two decades stays linear: LyapLock alone is held near its threshold
+    series = [s for s in report.build_series(load_runs(runs[:1])) if s.run.method == "lyaplock"]
+    alone = report.preservation_figure(SMOLLM, series)
+    assert {a.get_yscale() for a in visible_axes(alone)} == {"linear"}
+
+
+def test_queue_figure_shows_z_and_q_per_layer(written):
+    _, _, plots = written
+    queue = visible_axes(plots[2])
+    assert [a.get_title() for a in queue] == ["virtual queue Z", "queue weight q"]
+    q_layer4 = line(queue[1], "layer 4")
+    assert min(q_layer4.get_ydata()) == 1.0  # q never drops below 1
+    assert q_layer4.get_ydata()[-1] > 1.0  # and grows once the loss passes the threshold
+
+
+# ---------------------------------------------------------------------------- the page
+
+
+def test_page_images_exist_and_are_figures(written):
+    out, page, plots = written
+    links = links_of(page)
+    assert len(links.images) == len(plots)
+    for src in links.images:
+        assert not src.startswith(("/", "file:", "http")), src  # relative paths only
+        assert (out / src).read_bytes().startswith(PNG_MAGIC), src
+    svgs = [h for h in links.links if h.endswith(".svg")]
+    assert len(svgs) == len(plots)
+    for href in svgs:
+        assert "<svg" in (out / href).read_text(encoding="utf-8")[:2000], href
+
+
+def test_page_has_leaderboard_tables_and_manifest_summary(written):
+    _, page, _ = written
+    text = page.read_text(encoding="utf-8")
+    assert '<section class="table" id="editing">' in text
+    assert '<section class="table" id="general">' in text
+    assert "Editing performance after 150 edits" in text
+    assert "<strong>97.50 ± 1.50</strong>" in text  # lyaplock's CounterFact efficacy, best
+    runs_section = text[text.index('<section id="runs">'):text.index("</section>")]
+    for expected in ("SmolLM2-135M-Instruct (smollm2)", "memit, lyaplock", "counterfact", "zsre",
+                     "<td>10</td>", "<td>0</td>", "f00dfeedcafe<", "lm_eval 0.4.13",
+                     "torch 2.5.1", "2025-11-22T05:00:00Z"):
+        assert expected in runs_section, expected
+    assert "<script" not in text
+
+
+def test_command_and_its_errors(tmp_path, capsys):
+    run = write_run(tmp_path, "cf", SMOLLM, "counterfact", ["memit"], 100, [0, 50, 100])
+    out = tmp_path / "rep"
+    assert report.main([str(run), "--out", str(out), "--edits", "50"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    text = (out / "report.html").read_text(encoding="utf-8")
+    assert "Editing performance after 50 edits" in text
+    assert len(list((out / "figures").glob("*.png"))) == len(list((out / "figures").glob("*.svg")))
+    assert report.main([str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_page_without_a_common_checkpoint_still_has_the_figures(tmp_path):
+    a = write_run(tmp_path, "a", SMOLLM, "counterfact", ["memit"], 50, [0, 50])
+    b = write_run(tmp_path, "b", SMOLLM, "zsre", ["memit"], 100, [0, 100])
+    page, plots = report.write_report(load_runs([a, b]), tmp_path / "rep")
+    text = page.read_text(encoding="utf-8")
+    assert "pass --edits N" in text
+    assert len(links_of(page).images) == len(plots) > 0
+
+
+# ---------------------------------------------------------------------------- in a browser
+
+
+def chromium() -> str:
+    for name in CHROMIUM_NAMES:
+        if path := shutil.which(name):
+            return path
+    message = ("headless Chromium is needed to open the report: install it with "
+               "`apt-get install chromium` (Debian/Ubuntu)")
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def open_in_chromium(page: Path, profile: Path, *mode: str) -> subprocess.CompletedProcess:
+    command = [
+        chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--no-first-run", f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+        *mode, page.resolve().as_uri(),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def page_problems(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if CONSOLE_PROBLEM.search(line)]
+
+
+def with_image_check(page: Path) -> Path:
+    """A copy of the page, next to it so relative paths resolve, that reports broken images."""
+    checked = page.with_name(f"{page.stem}.imagecheck.html")
+    checked.write_text(page.read_text(encoding="utf-8").replace(
+        "</body>", IMAGE_CHECK_SCRIPT + "\n</body>"), encoding="utf-8")
+    return checked
+
+
+def test_report_opens_in_headless_chromium(written, tmp_path):
+    _, page, plots = written
+    shown = open_in_chromium(page, tmp_path / "profile", "--dump-dom")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert page_problems(shown.stderr) == []
+    assert shown.stdout.count("<img ") == len(plots)
+    assert 'id="editing"' in shown.stdout and "97.50 ± 1.50" in shown.stdout
+
+    checked = open_in_chromium(with_image_check(page), tmp_path / "profile", "--dump-dom")
+    assert checked.returncode == 0
+    assert page_problems(checked.stderr) == []
+    assert f'data-images-loaded="{len(plots)}"' in checked.stdout
+
+    shot = tmp_path / "report.png"
+    taken = open_in_chromium(page, tmp_path / "profile", f"--screenshot={shot}",
+                             "--window-size=1400,2400", "--hide-scrollbars")
+    assert taken.returncode == 0
+    assert shot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_browser_check_catches_broken_pages(tmp_path):
+    """The checks above must be able to fail: a missing image and a script error are caught."""
+    page = tmp_path / "broken.html"
+    page.write_text('<!DOCTYPE html><html><body><img src="figures/missing.png">'
+                    "<script>undefinedFunction()</script></body></html>")
+    shown = open_in_chromium(with_image_check(page), tmp_path / "profile", "--dump-dom")
+    problems = page_problems(shown.stderr)
+    assert any("Uncaught" in p and "undefinedFunction" in p for p in problems), shown.stderr
+    assert any("image did not load: figures/missing.png" in p for p in problems)
+    assert 'data-images-loaded="0"' in shown.stdout
