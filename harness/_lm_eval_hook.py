@@ -9,7 +9,9 @@ registered, so ``lm_eval --model hf`` pays nothing for us.
 from __future__ import annotations
 
 import importlib.abc
+import importlib
 import importlib.machinery
+import os
 import sys
 
 from harness import MODEL_NAMES, tasks_dir
@@ -18,6 +20,9 @@ _WATCHED = ("lm_eval.api.registry", "lm_eval.tasks.manager")
 
 
 def register_models(registry_module) -> None:
+    # lm-eval fills its built-in table only while the registry is empty; load it first so that
+    # registering ours does not hide "hf" and friends (the table is lazy placeholders: cheap)
+    importlib.import_module("lm_eval.models")
     registry = registry_module.model_registry
     for alias, cls_name in MODEL_NAMES.items():
         if alias not in registry:
@@ -31,13 +36,10 @@ def add_task_path(manager_module) -> None:
     original_init = cls.__init__
 
     def __init__(self, *args, include_path=None, **kwargs):
-        ours = tasks_dir()
-        if include_path is None:
-            include_path = [ours]
-        elif isinstance(include_path, (list, tuple)):
-            include_path = [ours, *[p for p in include_path if str(p) != ours]]
-        elif str(include_path) != ours:
-            include_path = [ours, include_path]
+        ours = os.path.realpath(tasks_dir())
+        given = [] if include_path is None else (
+            list(include_path) if isinstance(include_path, (list, tuple)) else [include_path])
+        include_path = [ours, *[p for p in given if os.path.realpath(str(p)) != ours]]
         original_init(self, *args, include_path=include_path, **kwargs)
 
     __init__._harness_patched = True
