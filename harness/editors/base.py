@@ -1,0 +1,184 @@
+"""The batch loop every locate-then-edit editor shares, with MEMIT's residual spreading.
+
+For a batch of requests: target values z* at the last edit layer (all requests optimised
+together), then for each edit layer in order: keys on the current (partially edited) model, the
+residual still missing at the last layer divided by the number of layers left, the editor's
+closed-form solve, the update written in place, and the preservation loss D_t of the layer.
+An editor subclass supplies ``solve_layer`` and whatever state it carries across batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import torch
+
+from harness.arch import architecture_for, edit_weight, weight_as_out_in
+from harness.editors.context import generate_context_templates
+from harness.editors.keys import compute_keys, hidden_at_subject
+from harness.editors.solvers import preservation_loss
+from harness.editors.stats import load_or_compute_second_moments, model_fingerprint
+from harness.editors.targets import compute_target_values
+
+log = logging.getLogger(__name__)
+
+
+class Editor:
+    method = "base"
+    uses_stats = True  # whether C0 is needed (every editor logs D_t when it has it)
+
+    def __init__(self, model, tokenizer, hparams, *, cache_dir=None, seed: int = 0, progress: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.hp = hparams
+        self.arch = architecture_for(model)
+        n = self.arch.n_layers(model.config)
+        bad = [layer for layer in hparams.layers if not 0 <= layer < n]
+        if bad:
+            raise ValueError(f"edit layers {bad} do not exist: the model has {n} layers (0..{n - 1})")
+        self.layers = list(hparams.layers)
+        self.cache_dir = cache_dir
+        self.seed = seed
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        self.templates: list[list[str]] | None = None
+        self.C0: dict[int, torch.Tensor] = {}
+        self.W0: dict[int, torch.Tensor] = {}
+        self.fingerprint: str | None = None
+        self.batches_done = 0
+        self.edits_done = 0
+        self.prepared = False
+
+    # ------------------------------------------------------------------ weights
+    def weight(self, layer: int) -> torch.Tensor:
+        """(d_out, d_in) view of the edited weight of ``layer``."""
+        return weight_as_out_in(edit_weight(self.model, self.arch, layer), self.arch)
+
+    @torch.no_grad()
+    def set_weight(self, layer: int, W_new: torch.Tensor) -> None:
+        self.weight(layer).copy_(W_new.to(self.weight(layer).dtype))
+
+    def edited_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {self.arch.mlp_out_name(layer) + ".weight": edit_weight(self.model, self.arch, layer)
+                for layer in self.layers}
+
+    # ------------------------------------------------------------------ setup
+    def prepare(self) -> None:
+        """Context templates, key statistics and the original weights, on the unedited model."""
+        if self.prepared:
+            return
+        t0 = time.perf_counter()
+        if self.templates is None:
+            self.templates = generate_context_templates(self.model, self.tokenizer, self.hp.context_templates, self.seed)
+        self.W0 = {layer: self.weight(layer).detach().clone() for layer in self.layers}
+        if self.uses_stats:
+            self.fingerprint = model_fingerprint(self.model)
+            mom2 = load_or_compute_second_moments(
+                self.model, self.arch, self.tokenizer, self.layers, self.hp.stats_corpus,
+                self.hp.stats_samples, self.hp.stats_max_tokens, self.cache_dir, self.fingerprint,
+                progress=self.progress)
+            self.C0 = {layer: m.to(self.device, torch.float64) for layer, m in mom2.items()}
+        self.prepare_state()
+        self.prepared = True
+        self.prepare_seconds = time.perf_counter() - t0
+
+    def prepare_state(self) -> None:
+        """Per-editor state that depends on the statistics (e.g. AlphaEdit's projector)."""
+
+    # ------------------------------------------------------------------ editing
+    def apply_batch(self, requests) -> dict:
+        """Edit the model in place with one batch; returns the batch's trace record."""
+        self.prepare()
+        phases = defaultdict(float)
+        t_start = time.perf_counter()
+        last = self.layers[-1]
+        t0 = time.perf_counter()
+        tv = compute_target_values(self.model, self.arch, self.tokenizer, requests, last, self.templates, self.hp)
+        phases["targets"] += time.perf_counter() - t0
+        layers_trace = {}
+        for i, layer in enumerate(self.layers):
+            t0 = time.perf_counter()
+            K = compute_keys(self.model, self.arch, self.tokenizer, requests, [layer], self.templates)[layer]
+            current = hidden_at_subject(self.model, self.arch, self.tokenizer, requests, last)
+            R = ((tv.z_star - current) / (len(self.layers) - i)).T
+            phases["keys"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            W = self.weight(layer).detach().clone()
+            delta = self.solve_layer(i, layer, W, K, R, requests)
+            W_new = W + delta.to(W.dtype)
+            self.set_weight(layer, W_new)
+            entry = {"update_norm": float(delta.float().norm())}
+            if layer in self.C0:
+                entry["preservation_loss"] = preservation_loss(W_new, self.W0[layer], self.C0[layer])
+            entry.update(self.after_layer(i, layer, W_new, K, entry.get("preservation_loss")) or {})
+            layers_trace[str(layer)] = entry
+            phases["solve"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        extra = self.after_batch(requests) or {}
+        phases["solve"] += time.perf_counter() - t0
+        self.batches_done += 1
+        self.edits_done += len(requests)
+        return {
+            "method": self.name,
+            "batch": self.batches_done - 1,
+            "edits_done": self.edits_done,
+            "batch_size": len(requests),
+            "edit_seconds": time.perf_counter() - t_start,
+            "phase_seconds": dict(phases),
+            "target_loss": sum(tv.loss) / len(tv.loss),
+            "target_prob": sum(tv.target_prob) / len(tv.target_prob),
+            "target_steps": sum(tv.steps) / len(tv.steps),
+            "layers": layers_trace,
+            **extra,
+        }
+
+    def solve_layer(self, i: int, layer: int, W: torch.Tensor, K: torch.Tensor, R: torch.Tensor, requests) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_layer(self, i, layer, W_new, K, preservation_loss_value) -> dict | None:
+        return None
+
+    def after_batch(self, requests) -> dict | None:
+        return None
+
+    @property
+    def name(self) -> str:
+        return self.method
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Everything needed to continue the edit stream: edited weights (exact copies) and the
+        editor's accumulated state. Statistics are not included (they are cached on disk)."""
+        return {
+            "method": self.name,
+            "batches_done": self.batches_done,
+            "edits_done": self.edits_done,
+            "templates": self.templates,
+            "weights": {n: p.detach().cpu().clone() for n, p in self.edited_parameters().items()},
+            "editor": self.extra_state(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if state["method"] != self.name:
+            raise ValueError(f"state was saved by {state['method']!r}, this editor is {self.name!r}")
+        self.templates = state["templates"]
+        self.prepare()  # statistics and W0 from the still unedited weights
+        params = self.edited_parameters()
+        for n, value in state["weights"].items():
+            params[n].copy_(value.to(params[n].device, params[n].dtype))
+        self.batches_done = state["batches_done"]
+        self.edits_done = state["edits_done"]
+        self.load_extra_state(state["editor"])
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def fingerprint_check(self) -> None:
+        if self.fingerprint is None:
+            self.fingerprint = model_fingerprint(self.model)

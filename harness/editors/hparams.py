@@ -1,0 +1,125 @@
+"""Hyper-parameters: YAML files per method and model family under configs/hparams/<method>/.
+
+A file may ``inherit`` another (relative name in the same directory or ``<method>/<name>``);
+keys given as model args (``alpha=...``) override the file. Unknown keys are an error, so a typo
+in a config never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+HPARAMS_DIR = Path(__file__).resolve().parent.parent / "configs" / "hparams"
+
+
+@dataclass
+class EditHparams:
+    layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    # target-value optimisation (reference "compute_z")
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_loss_layer: int | None = None  # None: the last layer
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    v_early_stop_loss: float = 5e-2
+    # most-probable early stopping (ENCORE): stop after |mpes_patience| iterations in which
+    # every target token is top-1 on the context-templated prompts; 0 disables it
+    mpes_patience: int = 0
+    # [max_length, count] per template group; "{}" alone is always the first group
+    context_templates: list[list[int]] = field(default_factory=lambda: [[10, 5]])
+    # covariance statistics
+    mom2_update_weight: float = 15000.0
+    stats_corpus: str = "bundled"
+    stats_samples: int = 1000
+    stats_max_tokens: int = 256
+    # method-specific knobs (documented in each editor)
+    nullspace_threshold: float = 2e-2
+    l2: float = 10.0
+    alpha: float = 60.0
+    lyapunov_v: float = 1.0
+    queue_b: float = 0.0
+    queue_a: str | float = "1_sqrtD"
+    queue_z0: str | float = "1sqrtD"
+    queue_floor: str | float = "1sqrtD"
+    base: str = "memit"  # LyapLock's per-layer solve: memit | prune | rect | alphaedit
+    rect_keep_fraction: float = 0.4
+    # PRUNE restrains the accumulated update after every prune_every-th batch (1: after each)
+    prune_every: int = 1
+    update_norm_lambda: float = 0.0
+    lambda_reg: float = 0.0
+    mu_reg: float = 1.0
+    ft_lr: float = 5e-4
+    ft_steps: int = 25  # epochs over the batch
+    ft_batch_size: int = 64  # requests per Adam step
+    ft_weight_decay: float = 0.0
+    ft_norm_constraint: float | None = 5e-4  # L-inf box half-width; null: unconstrained
+    ft_layer: int | None = None  # FT's trained layer; None: the layers list
+    description: str = ""
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def available(method: str) -> list[str]:
+    d = HPARAMS_DIR / method
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def _read(path: Path, seen=()) -> dict:
+    if path in seen:
+        raise ValueError(f"hparams inheritance loop at {path}")
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    parent = data.pop("inherit", None)
+    data.pop("match", None)
+    if parent:
+        ppath = HPARAMS_DIR / f"{parent}.yaml" if "/" in parent else path.parent / f"{parent}.yaml"
+        base = _read(ppath, (*seen, path))
+        base.update(data)
+        data = base
+    return data
+
+
+def family_for_model(method: str, model_name: str) -> str:
+    """Pick the hparams file whose ``match`` list has a substring of the model name."""
+    name = model_name.lower()
+    for stem in available(method):
+        with open(HPARAMS_DIR / method / f"{stem}.yaml") as fh:
+            data = yaml.safe_load(fh) or {}
+        if any(m.lower() in name for m in data.get("match", [])):
+            return stem
+    raise ValueError(
+        f"no {method} hyper-parameters match model {model_name!r}; pass hparams=<name> "
+        f"(one of {available(method)}) or hparams=/path/to/file.yaml"
+    )
+
+
+def load_hparams(method: str, hparams: str | os.PathLike | dict | None = None,
+                 model_name: str = "", overrides: dict | None = None) -> EditHparams:
+    if isinstance(hparams, dict):
+        data = dict(hparams)
+    else:
+        if hparams is None:
+            hparams = family_for_model(method, model_name)
+        path = Path(str(hparams))
+        if not path.suffix:
+            path = HPARAMS_DIR / method / f"{hparams}.yaml"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"hparams {hparams!r} not found for {method}; available: {available(method)}"
+            )
+        data = _read(path)
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = set(data) - EditHparams.keys()
+    if unknown:
+        raise ValueError(f"unknown hparams keys {sorted(unknown)}; known: {sorted(EditHparams.keys())}")
+    return EditHparams(**data)

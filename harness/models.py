@@ -1,0 +1,212 @@
+"""lm-eval model wrappers that edit the model before (and while) it is evaluated.
+
+Each wrapper is lm-eval's ``HFLM`` around a model whose MLP weights an editor changes: every
+lm-eval task works on the edited model. ``num_edits`` requests of ``edit_data`` are applied in
+batches of ``edit_batch_size`` when the wrapper is built (``num_edits=0``: the unedited model, the
+papers' "pre-edited" row); ``apply_edits`` continues the stream later on the same in-memory model
+(the sequential driver does this between evaluations).
+
+    lm_eval --model lyaplock_hf --model_args num_edits=20 --tasks counterfact_edit
+    lm_eval --model memit_hf --model_args pretrained=gpt2-xl,edit_data=zsre,num_edits=1000 ...
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from tqdm.auto import tqdm
+
+from harness import session
+from harness.data import load_edit_data
+from harness.editors import editor_class
+from harness.editors.hparams import EditHparams, load_hparams
+from harness.loading import load_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NUM_EDITS = 20
+DEFAULT_BATCH_SIZE = 10
+
+
+def _parse_layers(value):
+    """'4-8' -> [4..8]; '4|5|6' or '4 5 6' -> [4, 5, 6]; ints and lists pass through."""
+    if value is None or isinstance(value, list):
+        return value
+    if isinstance(value, int):
+        return [value]
+    text = str(value).strip()
+    if "-" in text and "|" not in text:
+        lo, hi = (int(x) for x in text.split("-"))
+        return list(range(lo, hi + 1))
+    return [int(x) for x in text.replace("|", " ").split()]
+
+
+def _resolve_device(device):
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device=%s requested but CUDA is not available: using the CPU", device)
+        return "cpu"
+    return str(device)
+
+
+class EditingLM(HFLM):
+    method: str = ""
+
+    def __init__(
+        self,
+        pretrained=None,
+        edit_data: str = "counterfact",
+        num_edits: int | None = DEFAULT_NUM_EDITS,
+        edit_batch_size: int = DEFAULT_BATCH_SIZE,
+        hparams=None,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        dtype: str = "float32",
+        device: str | None = None,
+        device_map=None,
+        gguf_file: str | None = None,
+        zsre_target: str = "answers",
+        progress: bool = True,
+        tokenizer=None,
+        batch_size=8,
+        **kwargs,
+    ):
+        hp_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in EditHparams.keys()}
+        if "layers" in hp_overrides:
+            hp_overrides["layers"] = _parse_layers(hp_overrides["layers"])
+        if isinstance(pretrained, str) or pretrained is None:
+            model, tok = load_model(pretrained, dtype=dtype, device=_resolve_device(device),
+                                    device_map=device_map, gguf_file=gguf_file)
+            model_name = str(pretrained or "smollm2-135m-instruct")
+        else:  # an already loaded transformers model (Python use, tests)
+            model, tok = pretrained, tokenizer
+            if tok is None:
+                raise ValueError("pass tokenizer= together with an already loaded model")
+            model_name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        kwargs.pop("trust_remote_code", None)
+        kwargs.pop("max_batch_size", None) if kwargs.get("max_batch_size") is None else None
+        super().__init__(pretrained=model, tokenizer=tok, batch_size=batch_size, backend="causal", **kwargs)
+        self.model_name = model_name
+        self.hparams = load_hparams(self.method, hparams, model_name=model_name, overrides=hp_overrides)
+        self.editor = editor_class(self.method)(self._model, self.tokenizer, self.hparams,
+                                                cache_dir=cache_dir, seed=seed, progress=progress)
+        self.edit_data = str(edit_data)
+        self.edit_batch_size = int(edit_batch_size)
+        if self.edit_batch_size < 1:
+            raise ValueError(f"edit_batch_size must be >= 1, got {edit_batch_size}")
+        self.zsre_target = zsre_target
+        self.progress = progress
+        self.seed = seed
+        self.edited_requests: list = []
+        self.trace: list[dict] = []
+        self.stream = load_edit_data(self.edit_data, limit=None, zsre_target=zsre_target)
+        self.edited_dataset = self.stream[0].dataset if self.stream else None
+        session.register_editor(self)
+        n = len(self.stream) if num_edits is None else int(num_edits)
+        if n > len(self.stream):
+            load_edit_data(self.edit_data, limit=n, zsre_target=zsre_target)  # raises with the fix
+        if n:
+            self.apply_edits(self.stream[:n])
+
+    # ------------------------------------------------------------------ editing
+    def apply_edits(self, requests, batch_size: int | None = None, on_batch=None) -> list[dict]:
+        """Apply ``requests`` in batches (continuing the stream); returns their trace records.
+        ``on_batch(trace_record)`` is called after each batch (the driver checkpoints there)."""
+        batch_size = batch_size or self.edit_batch_size
+        records = []
+        bar = tqdm(total=len(requests), desc=f"{self.method} edits", unit="edit", disable=not self.progress)
+        self._model.eval()
+        for start in range(0, len(requests), batch_size):
+            batch = list(requests[start:start + batch_size])
+            record = self.editor.apply_batch(batch)
+            record["wall_time"] = time.time()
+            self.edited_requests.extend(batch)
+            if self.edited_dataset is None:
+                self.edited_dataset = batch[0].dataset
+            self.trace.append(record)
+            records.append(record)
+            bar.update(len(batch))
+            bar.set_postfix(self._postfix(record))
+            if on_batch is not None:
+                on_batch(record)
+        bar.close()
+        return records
+
+    @staticmethod
+    def _postfix(record):
+        post = {"loss": f"{record['target_loss']:.3f}"}
+        losses = [v.get("preservation_loss") for v in record["layers"].values() if v.get("preservation_loss") is not None]
+        if losses:
+            post["D_max"] = f"{max(losses):.3g}"
+        qs = [v["q_next"] for v in record["layers"].values() if "q_next" in v]
+        if qs:
+            post["q_max"] = f"{max(qs):.3g}"
+        return post
+
+    @property
+    def num_edited(self) -> int:
+        return len(self.edited_requests)
+
+    # ------------------------------------------------------------------ state
+    def edit_state(self) -> dict:
+        return {
+            "editor": self.editor.state_dict(),
+            "edited_case_ids": [r.case_id for r in self.edited_requests],
+            "trace": self.trace,
+        }
+
+    def load_edit_state(self, state: dict) -> None:
+        self.editor.load_state_dict(state["editor"])
+        by_id = {r.case_id: r for r in self.stream}
+        self.edited_requests = [by_id[c] for c in state["edited_case_ids"]]
+        self.trace = list(state["trace"])
+
+
+@register_model("memit_hf")
+class MEMITLM(EditingLM):
+    method = "memit"
+
+
+@register_model("alphaedit_hf")
+class AlphaEditLM(EditingLM):
+    method = "alphaedit"
+
+
+@register_model("lyaplock_hf")
+class LyapLockLM(EditingLM):
+    method = "lyaplock"
+
+
+@register_model("ft_hf")
+class FTLM(EditingLM):
+    method = "ft"
+
+
+@register_model("rome_hf")
+class ROMELM(EditingLM):
+    method = "rome"
+
+
+@register_model("prune_hf")
+class PRUNELM(EditingLM):
+    method = "prune"
+
+
+@register_model("rect_hf")
+class RECTLM(EditingLM):
+    method = "rect"
+
+
+@register_model("rlsedit_hf")
+class RLSEditLM(EditingLM):
+    method = "rlsedit"
+
+
+@register_model("encore_hf")
+class ENCORELM(EditingLM):
+    method = "encore"
