@@ -1,0 +1,56 @@
+"""``seqedit``: sequential runs, leaderboards, reports, and where the bundled files are."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: seqedit <command> [options]
+
+commands:
+  run          sequential editing run with lm-eval checkpoints (seqedit run --help)
+  leaderboard  tables from run directories (seqedit leaderboard --help)
+  report       plots + HTML report from run directories (seqedit report --help)
+  paths        print the embedded model file, task directory and bundled data
+"""
+
+
+def _paths() -> int:
+    from harness import tasks_dir
+    from harness.data.edits import SAMPLE_FILES
+    from harness.loading import default_model_path
+
+    gguf = default_model_path()
+    print(f"default model (gguf): {gguf}")
+    print(f"  lm_eval --model hf --model_args pretrained={gguf.parent},gguf_file={gguf}")
+    print(f"tasks directory: {tasks_dir()}")
+    for name, path in SAMPLE_FILES.items():
+        print(f"bundled {name} sample: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        from harness.driver import main as run_main
+
+        return run_main(rest)
+    if command == "leaderboard":
+        from harness.leaderboard import main as lb_main
+
+        return lb_main(rest)
+    if command == "report":
+        from harness.report import main as report_main
+
+        return report_main(rest)
+    if command == "paths":
+        return _paths()
+    print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""Sequential editing runs: edit in batches, evaluate with lm-eval every N edits, resume after a crash.
+
+A run config (YAML; every field is also a command-line flag) names the model, one or more methods,
+the edit data, how many edits, the batch size, ``eval_every``, the lm-eval tasks and the output
+directory. For each method the model is loaded once; the edit stream goes through the wrapper's
+``apply_edits``; before the first edit (the pre-edited point) and after every ``eval_every`` edits
+``lm_eval.simple_evaluate`` runs on the same in-memory model.
+
+Output directory::
+
+    manifest.json                   config, versions, git commit, hardware, seed
+    <method>/trace.jsonl            one line per edit batch (seconds, preservation loss per layer,
+                                    threshold, queue, update norm, target-value loss)
+    <method>/checkpoints/edits_000050/results.json   lm-eval's results format
+    <method>/state/edit_state.pt    edited weights + editor state + RNG states (atomic writes)
+
+``--resume`` continues from the last saved batch; the final results equal an uninterrupted run's
+with the same seed (editing is deterministic and every evaluation is seeded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger("harness.driver")
+
+EDITING_TASK_PREFIXES = ("counterfact_edit", "zsre_edit")
+
+
+@dataclass
+class RunConfig:
+    model: str | None = None  # pretrained: hub id, directory, .gguf file; None = embedded SmolLM2
+    model_name: str = "SmolLM2-135M-Instruct"
+    methods: list[str] = field(default_factory=lambda: ["memit", "lyaplock"])
+    edit_data: str = "counterfact"
+    num_edits: int = 20
+    edit_batch_size: int = 10
+    eval_every: int = 10
+    tasks: list[str] = field(default_factory=lambda: ["counterfact_edit"])
+    limit: int | None = None  # per general-capability task; editing tasks score every edited record
+    num_fewshot: int | None = None
+    eval_batch_size: int = 8
+    task_metadata: dict = field(default_factory=dict)
+    confirm_run_unsafe_code: bool = False
+    log_samples: bool = False
+    hparams: dict = field(default_factory=dict)  # method -> hparams name/path
+    overrides: dict = field(default_factory=dict)  # method -> {hparam: value}
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    save_every: int = 1  # batches between saved edit states
+    dtype: str = "float32"
+    device: str | None = None
+    cache_dir: str | None = None
+    zsre_target: str = "answers"
+
+    @classmethod
+    def from_sources(cls, path: str | None, cli: dict) -> RunConfig:
+        data = {}
+        if path:
+            with open(path) as fh:
+                data = yaml.safe_load(fh) or {}
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown run-config keys {sorted(unknown)}")
+        data.update({k: v for k, v in cli.items() if v is not None})
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.num_edits < 0 or self.edit_batch_size < 1 or self.eval_every < 1:
+            raise ValueError("num_edits >= 0, edit_batch_size >= 1 and eval_every >= 1 are required")
+        if self.eval_every % self.edit_batch_size:
+            raise ValueError(
+                f"eval_every ({self.eval_every}) must be a multiple of edit_batch_size "
+                f"({self.edit_batch_size}) so that evaluations fall between batches")
+        from harness.editors import EDITORS
+
+        for m in self.methods:
+            if m.split("-")[0] not in EDITORS:
+                raise ValueError(f"unknown method {m!r}; known: {sorted(EDITORS)} (and lyaplock-<base>)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def checkpoints(self) -> list[int]:
+        points = list(range(0, self.num_edits + 1, self.eval_every))
+        if points[-1] != self.num_edits:
+            points.append(self.num_edits)
+        return points
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+    except ImportError:
+        pass
+    return str(o)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("seqedit-harness", "torch", "transformers", "lm-eval", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def hardware() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# ---------------------------------------------------------------------------- run
+
+
+class SequentialRun:
+    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.resume = resume
+        self.progress = progress
+
+    # -- manifest / config guard
+    def _check_or_write_manifest(self) -> None:
+        path = self.out / "manifest.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old.get("config") != json.loads(json.dumps(self.cfg.to_dict())):
+                diff = sorted(k for k in self.cfg.to_dict() if old.get("config", {}).get(k) != self.cfg.to_dict()[k])
+                raise SystemExit(
+                    f"{self.out} already holds a run with a different config (differs in: {', '.join(diff)}); "
+                    "refusing to mix them: choose another --output_dir or restore the original config")
+            if not self.resume:
+                raise SystemExit(f"{self.out} already holds this run; add --resume to continue it")
+            return
+        manifest = {
+            "config": self.cfg.to_dict(),
+            "model_name": self.cfg.model_name,
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "hardware": hardware(),
+            "seed": self.cfg.seed,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv),
+        }
+        atomic_write_text(path, json.dumps(manifest, indent=2, default=_json_default))
+
+    def run(self) -> Path:
+        from tqdm.auto import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_or_write_manifest()
+        cfg = self.cfg
+        total = len(cfg.methods) * cfg.num_edits
+        self.bar = tqdm(total=total, desc="sequential run", unit="edit", disable=not self.progress, dynamic_ncols=True)
+        for method in cfg.methods:
+            self._run_method(method)
+        self.bar.close()
+        return self.out
+
+    def _method_dir(self, method: str) -> Path:
+        return self.out / method
+
+    def _build_lm(self, method: str):
+        from lm_eval.api.registry import get_model
+
+        from harness.models import EditingLM
+
+        base, _, addon = method.partition("-")
+        cls = get_model(f"{base}_hf")
+        assert issubclass(cls, EditingLM)
+        overrides = dict(self.cfg.overrides.get(method, {}))
+        if addon:
+            overrides["base"] = addon
+        return cls(
+            pretrained=self.cfg.model, edit_data=self.cfg.edit_data, num_edits=0,
+            edit_batch_size=self.cfg.edit_batch_size, hparams=self.cfg.hparams.get(method),
+            seed=self.cfg.seed, cache_dir=self.cfg.cache_dir, dtype=self.cfg.dtype, device=self.cfg.device,
+            zsre_target=self.cfg.zsre_target, progress=False, batch_size=self.cfg.eval_batch_size, **overrides)
+
+    def _run_method(self, method: str) -> None:
+        import torch
+
+        cfg = self.cfg
+        mdir = self._method_dir(method)
+        state_path = mdir / "state" / "edit_state.pt"
+        trace_path = mdir / "trace.jsonl"
+        lm = self._build_lm(method)
+        if cfg.num_edits > len(lm.stream):
+            raise SystemExit(f"{cfg.num_edits} edits requested but {cfg.edit_data} holds {len(lm.stream)} records")
+        done = 0
+        if state_path.exists():
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+            lm.load_edit_state(state["lm"])
+            _set_rng_state(state["rng"])
+            done = lm.num_edited
+            self._truncate_trace(trace_path, lm.editor.batches_done)
+            log.info("%s: resumed after %d edits", method, done)
+        else:
+            trace_path.unlink(missing_ok=True)
+            _seed_everything(cfg.seed)
+        self.bar.update(done)
+        stream = lm.stream[: cfg.num_edits]
+        batches_since_save = 0
+
+        def on_batch(record):
+            nonlocal batches_since_save
+            record = dict(record)
+            with open(trace_path, "a") as fh:
+                fh.write(json.dumps(record, default=_json_default) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            batches_since_save += 1
+            self.bar.update(record["batch_size"])
+            if batches_since_save >= cfg.save_every:
+                self._save_state(lm, state_path)
+                batches_since_save = 0
+
+        for point in cfg.checkpoints():
+            if point > done:
+                lm.apply_edits(stream[done:point], on_batch=on_batch)
+                done = point
+                self._save_state(lm, state_path)
+                batches_since_save = 0
+            if point == done:
+                self._evaluate(lm, method, point)
+
+    def _save_state(self, lm, path: Path) -> None:
+        atomic_torch_save({"lm": lm.edit_state(), "rng": _get_rng_state()}, path)
+
+    @staticmethod
+    def _truncate_trace(path: Path, batches: int) -> None:
+        if not path.exists():
+            return
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        kept = []
+        for ln in lines:
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError:
+                break  # a line cut by the crash
+            if rec["batch"] < batches:
+                kept.append(ln)
+        atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+    def _evaluate(self, lm, method: str, point: int) -> None:
+        path = self._method_dir(method) / "checkpoints" / f"edits_{point:06d}" / "results.json"
+        if path.exists():
+            return
+        results = evaluate(lm, self.cfg)
+        samples = results.pop("samples", None)
+        results["seqedit"] = {"method": method, "num_edits": point, "model_name": self.cfg.model_name,
+                              "edited_case_ids": [r.case_id for r in lm.edited_requests]}
+        if samples is not None:
+            atomic_write_text(path.with_name("samples.json"), json.dumps(samples, default=_json_default))
+        atomic_write_text(path, json.dumps(results, indent=2, default=_json_default))
+        self.bar.write(f"[{method} @ {point} edits] " + summarize(results))
+
+
+def evaluate(lm, cfg: RunConfig) -> dict:
+    """lm-eval on the in-memory model: editing tasks on every edited record, the rest with ``limit``."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    editing = [t for t in cfg.tasks if t.startswith(EDITING_TASK_PREFIXES)]
+    general = [t for t in cfg.tasks if t not in editing]
+    merged: dict = {}
+    for tasks, limit in ((editing, None), (general, cfg.limit)):
+        if not tasks:
+            continue
+        res = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, limit=limit, num_fewshot=cfg.num_fewshot, log_samples=cfg.log_samples,
+            task_manager=TaskManager(metadata=dict(cfg.task_metadata)),
+            random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed, confirm_run_unsafe_code=cfg.confirm_run_unsafe_code,
+        )
+        _merge_results(merged, res)
+    return merged
+
+
+def _merge_results(into: dict, res: dict) -> None:
+    for key, value in res.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            into[key].update(value)
+        elif key == "samples" and key in into:
+            into[key].update(value)
+        elif key not in into:
+            into[key] = value
+
+
+def summarize(results: dict) -> str:
+    parts = []
+    for task, metrics in sorted(results.get("results", {}).items()):
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and "_stderr" not in k and k != "alias":
+                parts.append(f"{task}/{k.split(',')[0]}={v:.3g}")
+    return " ".join(parts[:12])
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _get_rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="seqedit run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="run config YAML (flags override its fields)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output_dir")
+    p.add_argument("--no_progress", action="store_true")
+    for f in dataclasses.fields(RunConfig):
+        flag = f"--{f.name}"
+        if f.name in ("methods", "tasks"):
+            p.add_argument(flag, type=lambda s: [x for x in s.split(",") if x], help=f"comma-separated {f.name}")
+        elif f.name in ("task_metadata", "hparams", "overrides"):
+            p.add_argument(flag, type=json.loads, help=f"{f.name} as JSON")
+        elif f.type in ("bool", bool):
+            p.add_argument(flag, action="store_true", default=None)
+        elif f.type in ("int", "int | None"):
+            p.add_argument(flag, type=int)
+        else:
+            p.add_argument(flag)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cli = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
+    cfg = RunConfig.from_sources(args.config, cli)
+    out = SequentialRun(cfg, resume=args.resume, progress=not args.no_progress).run()
+    print(f"run complete: {out}")
+    return 0
