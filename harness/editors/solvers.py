@@ -32,6 +32,8 @@ __all__ = [
     "alphaedit_delta",
     "encore_delta",
     "lyaplock_delta",
+    "lyaplock_nullspace_delta",
+    "lyaplock_system",
     "memit_delta",
     "nullspace_projector",
     "preservation_loss",
@@ -237,6 +239,42 @@ def preservation_loss_from_moments(
 # --------------------------------------------------------------------------------------------
 
 
+def lyaplock_system(
+    R: torch.Tensor,
+    K: torch.Tensor,
+    W: torch.Tensor,
+    W0: torch.Tensor,
+    C0: torch.Tensor,
+    lam: float,
+    q: float,
+    V: float = 1.0,
+    S_VK: torch.Tensor | None = None,
+    S_KK: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normal equations ``Delta A = left`` of one LyapLock step, in float64 on ``W``'s device:
+
+    ``left = V R K^T + q lam (W0 - W) C0 + V (S_VK - W S_KK)`` and
+    ``A = V K K^T + q lam C0 + V S_KK`` (symmetric positive definite).
+
+    They are the stationarity conditions of
+    ``V ||W' K - (W K + R)||^2 + q lam tr((W' - W0) C0 (W' - W0)^T) + V sum_p ||W' k_p - v_p||^2``
+    in ``Delta = W' - W`` (see :func:`lyaplock_delta`).
+    """
+    _check_edit_shapes(R, K, C0)
+    if (S_VK is None) != (S_KK is None):
+        raise ValueError("pass both S_VK and S_KK (from the same EditMemory) or neither")
+    dev = W.device
+    K64, W64, C64 = _f64(K, dev), _f64(W, dev), _f64(C0, dev)
+    anchor = q * lam
+    left = V * (_f64(R, dev) @ K64.T) + anchor * ((_f64(W0, dev) - W64) @ C64)
+    A = V * (K64 @ K64.T) + anchor * C64
+    if S_KK is not None:
+        S_KK64 = _f64(S_KK, dev)
+        left += V * (_f64(S_VK, dev) - W64 @ S_KK64)
+        A += V * S_KK64
+    return left, A
+
+
 def lyaplock_delta(
     R: torch.Tensor,
     K: torch.Tensor,
@@ -262,20 +300,54 @@ def lyaplock_delta(
     The reference writes ``(W0 - W) C0`` as ``V0K0^T - W K0K0^T``; the two agree because
     ``V0 = W0 K0``. The reference's first batch is this with ``V = q = 1`` and no memory.
     """
-    _check_edit_shapes(R, K, C0)
-    if (S_VK is None) != (S_KK is None):
-        raise ValueError("pass both S_VK and S_KK (from the same EditMemory) or neither")
-    dev = W.device
-    K64, W64, C64 = _f64(K, dev), _f64(W, dev), _f64(C0, dev)
-    anchor = q * lam
-    left = V * (_f64(R, dev) @ K64.T) + anchor * ((_f64(W0, dev) - W64) @ C64)
-    A = V * (K64 @ K64.T) + anchor * C64
-    if S_KK is not None:
-        S_KK64 = _f64(S_KK, dev)
-        left += V * (_f64(S_VK, dev) - W64 @ S_KK64)
-        A += V * S_KK64
+    left, A = lyaplock_system(R, K, W, W0, C0, lam, q, V, S_VK, S_KK)
     # A symmetric: left A^-1 = (A^-1 left^T)^T.
     X = _spd_solve(A, left.T, "the LyapLock system matrix V K K^T + q lam C0 + V S_KK")
+    return X.T.to(W.dtype)
+
+
+def lyaplock_nullspace_delta(
+    R: torch.Tensor,
+    K: torch.Tensor,
+    W: torch.Tensor,
+    W0: torch.Tensor,
+    C0: torch.Tensor,
+    lam: float,
+    q: float,
+    P: torch.Tensor,
+    l2: float = 10.0,
+    V: float = 1.0,
+    S_VK: torch.Tensor | None = None,
+    S_KK: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LyapLock's step confined to AlphaEdit's null space: ``Delta = left P (A P + l2 I)^-1``.
+
+    ``left, A`` are LyapLock's normal equations (:func:`lyaplock_system`), ``P`` the projector
+    onto the null space of the generic keys (:func:`nullspace_projector`).
+
+    Derivation. Minimise ``J(Delta) + l2 ||Delta||_F^2`` (``J`` the LyapLock objective of
+    :func:`lyaplock_delta`, ``l2`` AlphaEdit's ridge term) over updates that vanish outside the
+    null space, ``Delta = Delta P``. ``J`` is quadratic with gradient ``2 (Delta A - left)``, so
+    the restricted stationarity condition is ``(Delta (A + l2 I) - left) P = 0`` together with
+    ``Delta (I - P) = 0``. The matrix ``M = A P + l2 I`` is invertible (``M v = 0`` gives
+    ``P A P v = -l2 P v``, so ``P v = 0`` since ``A`` is PSD, and then ``l2 v = 0``).
+    ``D = left P M^-1`` satisfies both conditions: from ``D (A P + l2 I) = left P``, multiplying
+    on the right by ``I - P`` (``P (I - P) = 0``) gives ``l2 D (I - P) = 0``, so ``D = D P``; then
+    ``D A P + l2 D P = D (A + l2 I) P = left P``. The objective restricted to that subspace is
+    strictly convex (``l2 > 0``), so ``D`` is its unique minimiser. With ``P = I`` this is
+    LyapLock's step with an extra ridge; with ``q lam = 0``, ``V = 1`` and ``S_VK = W S_KK``
+    (earlier edits kept at their current outputs) it is AlphaEdit's update ``R K^T P ((S_KK + K K^T) P + l2 I)^-1``. ``M`` is not symmetric: LU solve,
+    through ``M^T`` so that the right-hand side has ``d_out`` columns.
+    """
+    if l2 <= 0:
+        raise ValueError(f"the null-space LyapLock step needs l2 > 0 for a well-posed solve, got {l2}")
+    left, A = lyaplock_system(R, K, W, W0, C0, lam, q, V, S_VK, S_KK)
+    P64 = _f64(P, left.device)
+    if tuple(P64.shape) != tuple(A.shape):
+        raise ValueError(f"P must be (d_in, d_in) = {tuple(A.shape)}, got {tuple(P.shape)}")
+    M = _add_to_diagonal(A @ P64, l2)
+    # Delta M = left P  <=>  M^T Delta^T = P left^T (P symmetric)
+    X = torch.linalg.solve(M.T, P64 @ left.T)
     return X.T.to(W.dtype)
 
 

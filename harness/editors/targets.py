@@ -293,10 +293,9 @@ def compute_target_values(model, arch: Architecture, tokenizer, requests, layer:
                 done = active & (loss.detach() < hp.v_early_stop_loss)
                 if hp.mpes_patience:
                     greedy = (logp.argmax(-1) == nll_tok_t) | ~mpes_rows
-                    all_top1 = torch.ones(n_seq, dtype=torch.bool, device=device).index_reduce(
-                        0, nll_seq_t, greedy, "amin")
-                    req_top1 = torch.ones(n_req, dtype=torch.bool, device=device).index_reduce(
-                        0, owner_t, all_top1, "amin")
+                    # a request counts when none of its scored target tokens misses the argmax
+                    seq_misses = torch.zeros(n_seq, device=device).index_add(0, nll_seq_t, (~greedy).float())
+                    req_top1 = torch.zeros(n_req, device=device).index_add(0, owner_t, seq_misses) == 0
                     mpes_count += (req_top1 & active).float()
                     done |= active & (mpes_count >= abs(hp.mpes_patience))
                 active &= ~done
