@@ -311,7 +311,9 @@ class SequentialRun:
         path = self._method_dir(method) / "checkpoints" / f"edits_{point:06d}" / "results.json"
         if path.exists():
             return
-        results = evaluate(lm, self.cfg)
+        if getattr(self, "task_manager", None) is None:
+            self.task_manager = task_manager_for(self.cfg)
+        results = evaluate(lm, self.cfg, self.task_manager)
         samples = results.pop("samples", None)
         results["seqedit"] = {"method": method, "num_edits": point, "model_name": self.cfg.model_name,
                               "edited_case_ids": [r.case_id for r in lm.edited_requests]}
@@ -321,11 +323,23 @@ class SequentialRun:
         self.bar.write(f"[{method} @ {point} edits] " + summarize(results))
 
 
-def evaluate(lm, cfg: RunConfig) -> dict:
-    """lm-eval on the in-memory model: editing tasks on every edited record, the rest with ``limit``."""
-    import lm_eval
+def task_manager_for(cfg: RunConfig):
+    """One TaskManager per run. When every task is ours, lm-eval's own catalogue (thousands of
+    YAML files, seconds to index) is left out."""
     from lm_eval.tasks import TaskManager
 
+    from harness import tasks_dir
+
+    ours = {p.name for p in Path(tasks_dir()).iterdir() if p.is_dir()}
+    only_ours = all(any(t == d or t.startswith(d + "_") or t.startswith(d) for d in ours) for t in cfg.tasks)
+    return TaskManager(include_path=tasks_dir(), include_defaults=not only_ours, metadata=dict(cfg.task_metadata))
+
+
+def evaluate(lm, cfg: RunConfig, task_manager=None) -> dict:
+    """lm-eval on the in-memory model: editing tasks on every edited record, the rest with ``limit``."""
+    import lm_eval
+
+    task_manager = task_manager or task_manager_for(cfg)
     editing = [t for t in cfg.tasks if t.startswith(EDITING_TASK_PREFIXES)]
     general = [t for t in cfg.tasks if t not in editing]
     merged: dict = {}
@@ -334,7 +348,7 @@ def evaluate(lm, cfg: RunConfig) -> dict:
             continue
         res = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, limit=limit, num_fewshot=cfg.num_fewshot, log_samples=cfg.log_samples,
-            task_manager=TaskManager(metadata=dict(cfg.task_metadata)),
+            task_manager=task_manager,
             random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
             fewshot_random_seed=cfg.seed, confirm_run_unsafe_code=cfg.confirm_run_unsafe_code,
         )

@@ -1,0 +1,123 @@
+"""The sequential driver end to end on a tiny model: checkpoints, trace, kill -9 and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.testing import tiny_model
+
+TINY = dict(layers=[1, 2], v_num_grad_steps=4, stats_samples=30, stats_max_tokens=48,
+            context_templates=[[6, 2]], v_lr=0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    model, tok = tiny_model("llama")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def write_config(path: Path, model_dir, out_dir, cache_dir, **extra) -> Path:
+    cfg = dict(model=str(model_dir), model_name="tiny-llama", methods=["memit", "lyaplock"],
+               edit_data="counterfact", num_edits=24, edit_batch_size=2, eval_every=8,
+               tasks=["counterfact_edit_scores"], output_dir=str(out_dir), seed=3,
+               cache_dir=str(cache_dir), device="cpu",
+               hparams={"memit": "smollm2-135m", "lyaplock": "smollm2-135m"},
+               overrides={"memit": TINY, "lyaplock": TINY})
+    cfg.update(extra)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--no_progress", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw)
+
+
+def results_of(run_dir: Path) -> dict:
+    out = {}
+    for f in sorted(run_dir.glob("*/checkpoints/*/results.json")):
+        data = json.loads(f.read_text())
+        out[str(f.relative_to(run_dir))] = (data["results"], data["seqedit"]["edited_case_ids"])
+    return out
+
+
+def traces_of(run_dir: Path) -> dict:
+    keep = ("method", "batch", "edits_done", "layers", "target_loss")
+    out = {}
+    for f in sorted(run_dir.glob("*/trace.jsonl")):
+        out[f.parent.name] = [{k: json.loads(line)[k] for k in keep} for line in f.read_text().splitlines()]
+    return out
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny_dir, tmp_path):
+    cache = tmp_path / "cache"
+    straight = write_config(tmp_path / "a.yaml", tiny_dir, tmp_path / "straight", cache)
+    proc = run_cli(["--config", str(straight)])
+    log_a = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, log_a[-3000:]
+
+    cfg = write_config(tmp_path / "b.yaml", tiny_dir, tmp_path / "killed", cache)
+    proc = run_cli(["--config", str(cfg)])
+    trace = tmp_path / "killed" / "lyaplock" / "trace.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill -9 in the middle of the second method's stream
+        if trace.exists() and len(trace.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    partial = results_of(tmp_path / "killed")
+    assert any(k.startswith("memit/") for k in partial) and not any("edits_000024" in k for k in partial if k.startswith("lyaplock"))
+
+    proc = run_cli(["--config", str(cfg), "--resume"])
+    log_b = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, log_b[-3000:]
+
+    a, b = results_of(tmp_path / "straight"), results_of(tmp_path / "killed")
+    assert set(a) == set(b) and len(a) == 2 * 4  # 0, 8, 16, 24 edits for two methods
+    assert a == b
+    assert traces_of(tmp_path / "straight") == traces_of(tmp_path / "killed")
+    final = json.loads((tmp_path / "straight" / "lyaplock/checkpoints/edits_000024/results.json").read_text())
+    assert final["seqedit"]["edited_case_ids"] == list(range(24))
+    assert "efficacy,none" in final["results"]["counterfact_edit_scores"]
+    manifest = json.loads((tmp_path / "straight" / "manifest.json").read_text())
+    assert {"config", "versions", "git_commit", "hardware", "seed"} <= set(manifest)
+    lines = (tmp_path / "straight" / "lyaplock" / "trace.jsonl").read_text().splitlines()
+    rec = json.loads(lines[-1])
+    assert rec["edits_done"] == 24 and {"preservation_loss", "threshold", "queue", "update_norm"} <= set(rec["layers"]["1"])
+
+
+def test_refuses_to_mix_configs(tiny_dir, tmp_path):
+    from harness.driver import RunConfig, SequentialRun
+
+    cfg = RunConfig(model=str(tiny_dir), methods=["memit"], num_edits=0, eval_every=2, edit_batch_size=2,
+                    tasks=["counterfact_edit_scores"], output_dir=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    SequentialRun(cfg)._check_or_write_manifest()
+    other = RunConfig(**{**cfg.to_dict(), "num_edits": 4})
+    with pytest.raises(SystemExit, match="different config.*num_edits"):
+        SequentialRun(other, resume=True)._check_or_write_manifest()
+    with pytest.raises(SystemExit, match="--resume"):
+        SequentialRun(cfg)._check_or_write_manifest()
+
+
+def test_config_validation():
+    from harness.driver import RunConfig
+
+    with pytest.raises(ValueError, match="multiple of edit_batch_size"):
+        RunConfig(eval_every=15, edit_batch_size=10).validate()
+    with pytest.raises(ValueError, match="unknown method"):
+        RunConfig(methods=["nope"]).validate()
+    assert RunConfig(num_edits=25, eval_every=10, edit_batch_size=5).checkpoints() == [0, 10, 20, 25]
