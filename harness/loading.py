@@ -114,6 +114,7 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    enable_fast_cpu_math()
     name, gguf = resolve_pretrained(pretrained)
     gguf = gguf_file or gguf
     torch_dtype = resolve_dtype(dtype)
@@ -148,6 +149,15 @@ def load_model(
     model.eval()
     prepare_tokenizer(tokenizer)
     return model, tokenizer
+
+
+def enable_fast_cpu_math() -> None:
+    """Flush subnormal floats to zero. The dequantised SmolLM2 produces subnormal activations,
+    and x86 CPUs handle those in microcode: a 19-token forward pass took 3.5 s instead of 0.2 s.
+    Values below 1.2e-38 carry no information for these models."""
+    import torch
+
+    torch.set_flush_denormal(True)
 
 
 def _forget_gguf_quantization(model) -> None:
