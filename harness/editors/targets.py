@@ -105,8 +105,9 @@ class _UpperStack:
 
 
 @torch.no_grad()
-def _prefix_pass(model, arch, layer, upper: _UpperStack, ids, mask):
-    """Block ``layer`` output, and the arguments block ``layer + 1`` receives."""
+def _run_to_layer(model, arch, layer, upper: _UpperStack, **inputs):
+    """Block ``layer`` output, recording the arguments block ``layer + 1`` receives and stopping
+    the forward pass there."""
     captured = {}
     block = get_module(model, arch.layer_name(layer))
 
@@ -124,13 +125,17 @@ def _prefix_pass(model, arch, layer, upper: _UpperStack, ids, mask):
     if upper.blocks:
         handles.append(upper.blocks[0].register_forward_pre_hook(grab_next_args, with_kwargs=True))
     try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
+        model(**inputs)
     except StopForward:
         pass
     finally:
         for h in handles:
             h.remove()
     return captured["h"]
+
+
+def _prefix_pass(model, arch, layer, upper: _UpperStack, ids, mask):
+    return _run_to_layer(model, arch, layer, upper, input_ids=ids, attention_mask=mask, use_cache=False)
 
 
 @torch.no_grad()
@@ -160,33 +165,12 @@ def _suffix_pass(model, arch, layer, upper: _UpperStack, tokenizer, texts, looku
     prefix_kv = _snapshot_cache(cache)
     if prefix_kv is None or cache.get_seq_length() != P:
         return None
-    captured = {}
-    block = get_module(model, arch.layer_name(layer))
-
-    def grab_output(module, args, output):
-        captured["h"] = (output[0] if isinstance(output, tuple) else output).detach()
-        if not upper.blocks:
-            raise StopForward
-
-    def grab_next_args(module, args, kwargs):
-        upper.args = tuple(args[1:])
-        upper.kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise StopForward
-
-    handles = [block.register_forward_hook(grab_output)]
-    if upper.blocks:
-        handles.append(upper.blocks[0].register_forward_pre_hook(grab_next_args, with_kwargs=True))
-    try:
-        model(input_ids=suf_ids, attention_mask=torch.cat([pre_mask, suf_mask], 1), position_ids=suf_pos,
-              past_key_values=cache, use_cache=True)
-    except StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    h = _run_to_layer(model, arch, layer, upper, input_ids=suf_ids,
+                      attention_mask=torch.cat([pre_mask, suf_mask], 1), position_ids=suf_pos,
+                      past_key_values=cache, use_cache=True)
     upper.cache = cache
     upper.prefix_kv = prefix_kv
-    return captured["h"]
+    return h
 
 
 def _snapshot_cache(cache):
