@@ -3,20 +3,20 @@
 lm-eval 0.4.13 has no plugin entry points, so ``harness_lm_eval.pth`` imports this module at
 interpreter start-up. It costs one meta-path finder: nothing is imported until lm-eval itself
 imports its registry or task manager, and then only lazy ``"module:Class"`` placeholders are
-registered, so ``lm_eval --model hf`` pays nothing for us.
+registered, so ``lm_eval --model hf`` pays nothing for us (beyond accepting a ``.gguf`` path).
 """
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib
+import importlib.abc
 import importlib.machinery
 import os
 import sys
 
 from harness import MODEL_NAMES, tasks_dir
 
-_WATCHED = ("lm_eval.api.registry", "lm_eval.tasks.manager")
+_WATCHED = ("lm_eval.api.registry", "lm_eval.tasks.manager", "lm_eval.models.huggingface")
 
 
 def register_models(registry_module) -> None:
@@ -47,7 +47,33 @@ def add_task_path(manager_module) -> None:
     cls.__init__ = __init__
 
 
-_AFTER_LOAD = {"lm_eval.api.registry": register_models, "lm_eval.tasks.manager": add_task_path}
+def accept_gguf_path(hf_module) -> None:
+    """Let lm-eval's own ``hf`` model take ``pretrained=FILE.gguf`` as our wrappers do: it splits
+    into transformers' (directory, gguf_file) pair. Dequantised GGUF weights produce subnormal
+    activations that slow x86 CPUs ~15x, so such loads also flush subnormals (see loading.py)."""
+    cls = hf_module.HFLM
+    if getattr(cls.__init__, "_harness_patched", False):
+        return
+    original_init = cls.__init__
+
+    def __init__(self, pretrained="gpt2", *args, **kwargs):
+        if isinstance(pretrained, str) and pretrained.endswith(".gguf") and not kwargs.get("gguf_file"):
+            from harness.loading import enable_fast_cpu_math, resolve_pretrained
+
+            pretrained, kwargs["gguf_file"] = resolve_pretrained(pretrained)
+            enable_fast_cpu_math()
+        original_init(self, pretrained, *args, **kwargs)
+
+    __init__._harness_patched = True
+    __init__.__wrapped__ = original_init
+    cls.__init__ = __init__
+
+
+_AFTER_LOAD = {
+    "lm_eval.api.registry": register_models,
+    "lm_eval.tasks.manager": add_task_path,
+    "lm_eval.models.huggingface": accept_gguf_path,
+}
 
 
 class _Loader(importlib.abc.Loader):

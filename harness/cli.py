@@ -21,7 +21,7 @@ def _paths() -> int:
 
     gguf = default_model_path()
     print(f"default model (gguf): {gguf}")
-    print(f"  lm_eval --model hf --model_args pretrained={gguf.parent},gguf_file={gguf}")
+    print(f"  lm_eval --model hf --model_args pretrained={gguf}")
     print(f"tasks directory: {tasks_dir()}")
     for name, path in SAMPLE_FILES.items():
         print(f"bundled {name} sample: {path}")

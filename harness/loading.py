@@ -93,11 +93,38 @@ def load_tokenizer(pretrained=None, gguf_file: str | None = None, **kw):
     name, gguf = resolve_pretrained(pretrained)
     gguf = gguf_file or gguf
     if gguf:
-        cached = _gguf_cache_dir(gguf)
-        if (cached / "tokenizer_config.json").exists():
-            return AutoTokenizer.from_pretrained(str(cached), **kw)
-        return AutoTokenizer.from_pretrained(name, gguf_file=gguf, **kw)
+        return AutoTokenizer.from_pretrained(str(_cached_gguf_tokenizer(name, gguf)), **kw)
     return AutoTokenizer.from_pretrained(name, **kw)
+
+
+def _cached_gguf_tokenizer(name: str, gguf: str) -> Path:
+    """A directory holding the GGUF's tokenizer as ordinary tokenizer files. The GGUF's own
+    directory holds none, so it must never be handed to from_pretrained without gguf_file."""
+    model_dir = _gguf_cache_dir(gguf)
+    if (model_dir / "tokenizer_config.json").exists():
+        return model_dir
+    tok_dir = model_dir.with_name(model_dir.name + "-tokenizer")
+    if not (tok_dir / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf)
+        _publish_dir(tok_dir, tok.save_pretrained)
+    return tok_dir
+
+
+def _publish_dir(final: Path, write) -> None:
+    """Write into a private temporary directory, then rename: parallel test workers or runs
+    either see the complete directory or none at all."""
+    import shutil
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    try:
+        tmp.rename(final)
+    except OSError:  # another process won the race with identical content
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model(
@@ -129,16 +156,14 @@ def load_model(
             log.info("dequantising %s once (cached at %s)", gguf, cached)
             model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf)
-            tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
             _forget_gguf_quantization(model)
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            try:
-                tmp.rename(cached)
-            except OSError:  # another process won the race
-                import shutil
 
-                shutil.rmtree(tmp, ignore_errors=True)
+            def write(tmp: Path) -> None:
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+
+            _publish_dir(cached, write)
+            del model
         name = str(cached)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)

@@ -6,30 +6,12 @@ units, so an edit or an evaluation takes well under a second. Weights are random
 
 from __future__ import annotations
 
-import functools
-
 TINY_SIZES = dict(hidden=64, ffn=128, layers=4, heads=4, positions=256)
 
-
-@functools.lru_cache(maxsize=1)
-def _tokenizer_files() -> str:
-    """Directory of the SmolLM2 tokenizer (saved once next to the model cache)."""
-    from harness.loading import load_tokenizer
-
-    return load_tokenizer().name_or_path
-
-
 def tiny_tokenizer():
-    from transformers import AutoTokenizer
-
     from harness.loading import load_tokenizer, prepare_tokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(_tokenizer_files())
-    except OSError:
-        tok = load_tokenizer()
-    return prepare_tokenizer(tok)
-
+    return prepare_tokenizer(load_tokenizer())
 
 def tiny_config(arch: str, vocab_size: int, **overrides):
     from transformers import GPT2Config, GPTJConfig, LlamaConfig
@@ -53,7 +35,6 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
             n_head=s["heads"], n_positions=s["positions"], rotary_dim=s["hidden"] // s["heads"],
         )
     raise ValueError(f"tiny models exist for 'llama', 'gpt2', 'gptj', not {arch!r}")
-
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     """(model, tokenizer): a small random model of ``arch`` on CPU in float32, in eval mode."""

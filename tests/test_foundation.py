@@ -200,7 +200,14 @@ def test_data_sources_explicit_path_and_clear_errors(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- lm-eval registration
+def _script(name: str) -> str:
+    # the console script installed beside this interpreter, even when its bin/ is not on PATH
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else name
+
+
 def _run(cmd, timeout=600, env=None):
+    cmd = [_script(cmd[0]), *cmd[1:]] if cmd[0] == "lm_eval" else cmd
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd="/",
                           env={**os.environ, **(env or {})})
 
@@ -230,7 +237,7 @@ def test_lm_eval_cli_runs_plain_hf_on_counterfact_edit(tmp_path):
     from harness.loading import default_model_path
 
     gguf = default_model_path()
-    proc = _run(["lm_eval", "--model", "hf", "--model_args", f"pretrained={gguf.parent},gguf_file={gguf}",
+    proc = _run(["lm_eval", "--model", "hf", "--model_args", f"pretrained={gguf}",
                  "--tasks", "counterfact_edit_scores", "--limit", "3", "--device", "cpu",
                  "--output_path", str(tmp_path)], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
