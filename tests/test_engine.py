@@ -198,3 +198,34 @@ def test_prefix_cache_gives_the_full_sequence_result(arch, requests):
     assert fast.prefix_cached and not full.prefix_cached
     assert torch.allclose(fast.z_star, full.z_star, atol=1e-4, rtol=1e-4)
     assert fast.nll == pytest.approx(full.nll, rel=1e-4)
+
+
+@pytest.mark.smollm
+def test_lyaplock_wrapper_on_smollm2_learns_twenty_counterfact_edits():
+    """The engine's acceptance on the real embedded model with the shipped defaults: the same
+    lyaplock_hf wrapper and counterfact_edit task a user runs, before and after 20 edits."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from harness.models import LyapLockLM
+
+    lm = LyapLockLM(num_edits=0, progress=False)
+    manager = TaskManager()
+
+    def efficacy(limit=None):
+        out = lm_eval.simple_evaluate(model=lm, tasks=["counterfact_edit_scores"], limit=limit,
+                                      task_manager=manager, log_samples=True)
+        scored = [s["doc"]["case_id"] for s in out["samples"]["counterfact_edit_scores"]]
+        return out["results"]["counterfact_edit_scores"]["efficacy,none"], scored
+
+    before, scored_before = efficacy(limit=20)
+    lm.apply_edits(lm.stream[:20])
+    after, scored_after = efficacy()
+    edited = [r.case_id for r in lm.edited_requests]
+    assert sorted(scored_before) == sorted(scored_after) == sorted(edited) and len(edited) == 20
+    assert before < 50.0, before
+    assert after >= 90.0, f"efficacy {after:.0f} after 20 LyapLock edits (unedited {before:.0f})"
+    # the queue ran: the first batch set D_base, and every batch logged D_t against the threshold
+    for rec in lm.trace:
+        for entry in rec["layers"].values():
+            assert entry["threshold"] > 0 and entry["preservation_loss"] > 0 and entry["queue"] > 0
