@@ -8,10 +8,12 @@ from __future__ import annotations
 
 TINY_SIZES = dict(hidden=64, ffn=128, layers=4, heads=4, positions=256)
 
+
 def tiny_tokenizer():
     from harness.loading import load_tokenizer, prepare_tokenizer
 
     return prepare_tokenizer(load_tokenizer())
+
 
 def tiny_config(arch: str, vocab_size: int, **overrides):
     from transformers import GPT2Config, GPTJConfig, LlamaConfig
@@ -35,6 +37,7 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
             n_head=s["heads"], n_positions=s["positions"], rotary_dim=s["hidden"] // s["heads"],
         )
     raise ValueError(f"tiny models exist for 'llama', 'gpt2', 'gptj', not {arch!r}")
+
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     """(model, tokenizer): a small random model of ``arch`` on CPU in float32, in eval mode."""
