@@ -20,7 +20,10 @@ Efficiency, which is where editing time goes:
   padded so every prefix ends in the same column) and each step runs the few suffix tokens
   (subject end, rest of the prompt, target) against that cache. For a SmolLM2 batch this cuts the
   tokens per step about five-fold. Models whose blocks do not take a cache fall back to full
-  sequences (same numbers, slower).
+  sequences (same numbers, slower);
+* the suffixes are grouped by length and each group runs unpadded with its own slice of the
+  cache: suffixes span 2-6 tokens, so padding every one to the longest wasted about 40% of the
+  upper blocks' work.
 """
 
 from __future__ import annotations
@@ -80,6 +83,19 @@ def _build(tokenizer, requests, templates):
     return texts, owner, lookup, tgt_pos, tgt_tok, is_kl, is_bare
 
 
+class _Group:
+    """Sequences that run through the upper blocks together: their rows in the batch, their
+    length, the arguments block ``layer + 1`` received for them and their prefix KV cache."""
+
+    def __init__(self, rows: torch.Tensor | None, length: int | None):
+        self.rows = rows  # None: every row
+        self.length = length  # None: the full padded width
+        self.args: tuple = ()
+        self.kwargs: dict = {}
+        self.cache = None
+        self.prefix_kv = None
+
+
 class _UpperStack:
     """Runs the blocks above ``layer`` from a cached block output."""
 
@@ -87,27 +103,38 @@ class _UpperStack:
         self.blocks = [get_module(model, arch.layer_name(i)) for i in range(layer + 1, loss_layer + 1)]
         self.norm = get_module(model, arch.final_norm)
         self.head = get_module(model, arch.lm_head)
-        self.args: tuple = ()
-        self.kwargs: dict = {}
-        self.cache = None  # KV cache of the prompt prefixes (suffix mode)
-        self.prefix_kv = None
+        self.groups: list[_Group] = []
+        self.inverse: torch.Tensor | None = None  # position of each batch row among the groups' rows
 
-    def run(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.cache is not None:
-            _restore_cache(self.cache, self.prefix_kv)  # drop the previous step's suffix keys/values
+    @property
+    def prefix_cached(self) -> bool:
+        return any(g.cache is not None for g in self.groups)
+
+    def _run_group(self, group: _Group, hidden: torch.Tensor) -> torch.Tensor:
+        if group.cache is not None:
+            _restore_cache(group.cache, group.prefix_kv)  # drop the previous step's suffix keys/values
         for block in self.blocks:
-            out = block(hidden, *self.args, **self.kwargs)
+            out = block(hidden, *group.args, **group.kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+    def run(self, hidden: torch.Tensor) -> torch.Tensor:
+        if len(self.groups) == 1 and self.groups[0].rows is None:
+            return self._run_group(self.groups[0], hidden)
+        width = hidden.shape[1]
+        outs = [torch.nn.functional.pad(self._run_group(g, hidden[g.rows, :g.length]), (0, 0, 0, width - g.length))
+                for g in self.groups]
+        # back to batch order; the columns past a group's length are padding nobody reads
+        return torch.cat(outs).index_select(0, self.inverse)
 
     def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(hidden_rows))
 
 
 @torch.no_grad()
-def _run_to_layer(model, arch, layer, upper: _UpperStack, **inputs):
-    """Block ``layer`` output, recording the arguments block ``layer + 1`` receives and stopping
-    the forward pass there."""
+def _run_to_layer(model, arch, layer, upper: _UpperStack, group: _Group, **inputs):
+    """Block ``layer`` output, recording in ``group`` the arguments block ``layer + 1`` receives
+    and stopping the forward pass there."""
     captured = {}
     block = get_module(model, arch.layer_name(layer))
 
@@ -117,8 +144,8 @@ def _run_to_layer(model, arch, layer, upper: _UpperStack, **inputs):
             raise StopForward
 
     def grab_next_args(module, args, kwargs):
-        upper.args = tuple(args[1:])
-        upper.kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        group.args = tuple(args[1:])
+        group.kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         raise StopForward
 
     handles = [block.register_forward_hook(grab_output)]
@@ -135,26 +162,52 @@ def _run_to_layer(model, arch, layer, upper: _UpperStack, **inputs):
 
 
 def _prefix_pass(model, arch, layer, upper: _UpperStack, ids, mask):
-    return _run_to_layer(model, arch, layer, upper, input_ids=ids, attention_mask=mask, use_cache=False)
+    group = _Group(None, None)
+    upper.groups = [group]
+    return _run_to_layer(model, arch, layer, upper, group, input_ids=ids, attention_mask=mask, use_cache=False)
 
 
 @torch.no_grad()
 def _suffix_pass(model, arch, layer, upper: _UpperStack, tokenizer, texts, lookup, device):
-    """Prefix KV cache + block ``layer`` output on the suffixes; None when not supported."""
-    from transformers import DynamicCache
-
+    """Prefix KV caches + block ``layer`` output on the suffixes, one group per suffix length;
+    None when the model's blocks do not support it."""
     enc = [tokenizer(t).input_ids for t in texts]
     prefixes = [e[:p] for e, p in zip(enc, lookup)]
     suffixes = [e[p:] for e, p in zip(enc, lookup)]
-    P = max(len(x) for x in prefixes)
-    S = max(len(x) for x in suffixes)
-    if P == 0 or min(len(x) for x in prefixes) == 0:
+    if min(len(x) for x in prefixes) == 0:
         return None
-    pad = tokenizer.pad_token_id
+    width = max(len(x) for x in suffixes)
+    by_length: dict[int, list[int]] = {}
+    for row, suffix in enumerate(suffixes):
+        by_length.setdefault(len(suffix), []).append(row)
+    h_layer = None
+    groups = []
+    for length, rows in sorted(by_length.items()):
+        group = _Group(torch.tensor(rows, device=device), length)
+        h = _group_suffix_pass(model, arch, layer, upper, group, tokenizer.pad_token_id,
+                               [prefixes[r] for r in rows], [suffixes[r] for r in rows], device)
+        if h is None:
+            return None
+        if h_layer is None:
+            h_layer = h.new_zeros(len(texts), width, h.shape[-1])
+        h_layer[group.rows, :length] = h
+        groups.append(group)
+    upper.groups = groups
+    order = torch.cat([g.rows for g in groups])
+    upper.inverse = torch.empty_like(order)
+    upper.inverse[order] = torch.arange(len(order), device=device)
+    return h_layer
+
+
+def _group_suffix_pass(model, arch, layer, upper, group: _Group, pad, prefixes, suffixes, device):
+    from transformers import DynamicCache
+
+    P = max(len(x) for x in prefixes)
+    S = group.length
     pre_ids = torch.tensor([[pad] * (P - len(x)) + x for x in prefixes], device=device)
     pre_mask = torch.tensor([[0] * (P - len(x)) + [1] * len(x) for x in prefixes], device=device)
-    suf_ids = torch.tensor([x + [pad] * (S - len(x)) for x in suffixes], device=device)
-    suf_mask = torch.tensor([[1] * len(x) + [0] * (S - len(x)) for x in suffixes], device=device)
+    suf_ids = torch.tensor(suffixes, device=device)
+    suf_mask = torch.ones_like(suf_ids)
     pre_pos = (pre_mask.cumsum(-1) - 1).clamp(min=0)
     suf_pos = torch.tensor([len(x) for x in prefixes], device=device)[:, None] + torch.arange(S, device=device)
     try:
@@ -165,11 +218,11 @@ def _suffix_pass(model, arch, layer, upper: _UpperStack, tokenizer, texts, looku
     prefix_kv = _snapshot_cache(cache)
     if prefix_kv is None or cache.get_seq_length() != P:
         return None
-    h = _run_to_layer(model, arch, layer, upper, input_ids=suf_ids,
+    h = _run_to_layer(model, arch, layer, upper, group, input_ids=suf_ids,
                       attention_mask=torch.cat([pre_mask, suf_mask], 1), position_ids=suf_pos,
                       past_key_values=cache, use_cache=True)
-    upper.cache = cache
-    upper.prefix_kv = prefix_kv
+    group.cache = cache
+    group.prefix_kv = prefix_kv
     return h
 
 
@@ -305,5 +358,5 @@ def compute_target_values(model, arch: Architecture, tokenizer, requests, layer:
         z_star=z_star, z_init=z_init,
         loss=final_loss.tolist(), nll=final_nll.tolist(), steps=steps,
         target_prob=torch.exp(-final_nll).tolist(),
-        prefix_cached=upper.cache is not None,
+        prefix_cached=upper.prefix_cached,
     )
