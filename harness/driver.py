@@ -247,6 +247,12 @@ class SequentialRun:
 
         cfg = self.cfg
         mdir = self._method_dir(method)
+        if all(self._checkpoint_path(method, p).exists() for p in cfg.checkpoints()):
+            # every result is on disk: nothing to redo, even where state/ was not kept (a run
+            # directory committed without its edit states and resumed on another machine)
+            self.bar.write(f"[{method}] complete: all {len(cfg.checkpoints())} checkpoints on disk")
+            self.bar.update(cfg.num_edits)
+            return
         state_path = mdir / "state" / "edit_state.pt"
         trace_path = mdir / "trace.jsonl"
         lm = self._build_lm(method)
@@ -307,8 +313,11 @@ class SequentialRun:
                 kept.append(ln)
         atomic_write_text(path, "".join(k + "\n" for k in kept))
 
+    def _checkpoint_path(self, method: str, point: int) -> Path:
+        return self._method_dir(method) / "checkpoints" / f"edits_{point:06d}" / "results.json"
+
     def _evaluate(self, lm, method: str, point: int) -> None:
-        path = self._method_dir(method) / "checkpoints" / f"edits_{point:06d}" / "results.json"
+        path = self._checkpoint_path(method, point)
         if path.exists():
             return
         if getattr(self, "task_manager", None) is None:

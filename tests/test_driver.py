@@ -89,6 +89,20 @@ def test_kill_and_resume_equals_uninterrupted(tiny_dir, tmp_path):
     assert set(a) == set(b) and len(a) == 2 * 4  # 0, 8, 16, 24 edits for two methods
     assert a == b
     assert traces_of(tmp_path / "straight") == traces_of(tmp_path / "killed")
+
+    # the run directory as committed (no state/) and resumed elsewhere: the complete method is
+    # skipped, the one whose last checkpoint is missing is re-edited from scratch, same numbers
+    import shutil
+
+    for state in (tmp_path / "killed").glob("*/state"):
+        shutil.rmtree(state)
+    (tmp_path / "killed" / "lyaplock/checkpoints/edits_000024/results.json").unlink()
+    proc = run_cli(["--config", str(cfg), "--resume"])
+    log_c = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, log_c[-3000:]
+    assert "[memit] complete" in log_c and "[lyaplock] complete" not in log_c
+    assert results_of(tmp_path / "killed") == a
+    assert traces_of(tmp_path / "killed") == traces_of(tmp_path / "straight")
     final = json.loads((tmp_path / "straight" / "lyaplock/checkpoints/edits_000024/results.json").read_text())
     assert final["seqedit"]["edited_case_ids"] == list(range(24))
     assert "efficacy,none" in final["results"]["counterfact_edit_scores"]
