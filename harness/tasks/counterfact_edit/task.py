@@ -123,12 +123,15 @@ class CounterFactGenerationTask(EditTask):
             notes["consistency"] = f"TF-IDF cosine with the ROME reference data in {directory}"
 
     def generation_plan(self, request: EditRequest) -> list[tuple[str, int]]:
-        """(prompt, tokens left to generate): the reference stops at 100 tokens in total,
-        prompt included; a prompt that already fills them is measured as it is."""
+        """(prompt, tokens to generate). The reference samples a record's prompts as one padded
+        batch until it holds 100 tokens, prompt included, so every prompt of the record gets
+        100 minus the longest prompt's length; a record whose prompts fill them is measured as it
+        is. The shared budget also lets lm-eval batch the requests (it groups by gen_kwargs)."""
         total = int(self.config.metadata.get("max_total_tokens", 100))
         prompts = request.generation_prompts or [request.rewrite_prompt,
                                                  *request.paraphrase_prompts]
-        return [(p, total - len(self.tokenizer(p)["input_ids"])) for p in prompts]
+        budget = total - max(len(self.tokenizer(p)["input_ids"]) for p in prompts)
+        return [(p, budget) for p in prompts]
 
     def construct_requests(self, doc, ctx, **kwargs):
         requests = [
