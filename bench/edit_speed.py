@@ -1,6 +1,6 @@
 """Seconds per edit (total and per phase) and peak memory of each editor on the embedded SmolLM2.
 
-    python bench/edit_speed.py                      # every editor, 3 batches of 10 edits
+    python bench/edit_speed.py                      # every editor and add-on, 3 batches of 10 edits
     python bench/edit_speed.py --methods lyaplock --batches 5 --batch_size 10
 
 Phases: statistics (one-off key second moments, cached on disk after the first run: reported
@@ -22,6 +22,7 @@ import torch
 from harness.data import load_edit_data
 from harness.editors import EDITORS, editor_class
 from harness.editors.hparams import load_hparams
+from harness.editors.lyaplock import BASES as LYAPLOCK_BASES
 from harness.loading import load_model
 
 
@@ -35,7 +36,8 @@ def rss_mb() -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default=",".join(m for m in EDITORS))
+    p.add_argument("--methods", default=",".join([*EDITORS, *(f"lyaplock-{b}" for b in LYAPLOCK_BASES if b != "memit")]),
+                   help="comma-separated editors; lyaplock-<base> is LyapLock wrapped around <base>")
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=10)
     p.add_argument("--edit_data", default="counterfact")
