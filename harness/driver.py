@@ -345,14 +345,18 @@ def task_manager_for(cfg: RunConfig):
 
 
 def evaluate(lm, cfg: RunConfig, task_manager=None) -> dict:
-    """lm-eval on the in-memory model: editing tasks on every edited record, the rest with ``limit``."""
+    """lm-eval on the in-memory model: editing tasks on every edited record, the rest with ``limit``.
+
+    Before the first edit the editing tasks score the records this run is going to edit (the
+    first ``num_edits`` of the stream): the pre-edited row of the same facts, not the whole file."""
     import lm_eval
 
     task_manager = task_manager or task_manager_for(cfg)
     editing = [t for t in cfg.tasks if t.startswith(EDITING_TASK_PREFIXES)]
     general = [t for t in cfg.tasks if t not in editing]
+    editing_limit = None if lm.num_edited else (cfg.num_edits or None)
     merged: dict = {}
-    for tasks, limit in ((editing, None), (general, cfg.limit)):
+    for tasks, limit in ((editing, editing_limit), (general, cfg.limit)):
         if not tasks:
             continue
         res = lm_eval.simple_evaluate(

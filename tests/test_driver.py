@@ -103,6 +103,8 @@ def test_kill_and_resume_equals_uninterrupted(tiny_dir, tmp_path):
     assert "[memit] complete" in log_c and "[lyaplock] complete" not in log_c
     assert results_of(tmp_path / "killed") == a
     assert traces_of(tmp_path / "killed") == traces_of(tmp_path / "straight")
+    pre = json.loads((tmp_path / "straight" / "memit/checkpoints/edits_000000/results.json").read_text())
+    assert pre["n-samples"]["counterfact_edit_scores"]["effective"] == 24  # the run's records only
     final = json.loads((tmp_path / "straight" / "lyaplock/checkpoints/edits_000024/results.json").read_text())
     assert final["seqedit"]["edited_case_ids"] == list(range(24))
     assert "efficacy,none" in final["results"]["counterfact_edit_scores"]
