@@ -137,3 +137,36 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown method"):
         RunConfig(methods=["nope"]).validate()
     assert RunConfig(num_edits=25, eval_every=10, edit_batch_size=5).checkpoints() == [0, 10, 20, 25]
+
+
+def test_every_editor_runs_through_the_driver_into_the_leaderboard(tiny_dir, tmp_path):
+    """Each editor and LyapLock add-on, by the names a run config uses, edits through the driver
+    and gets its own row in the leaderboard."""
+    from harness import leaderboard
+    from harness.driver import RunConfig, SequentialRun
+    from harness.editors import EDITORS
+    from harness.editors.lyaplock import BASES
+
+    methods = [*EDITORS, *(f"lyaplock-{b}" for b in BASES if b != "memit")]
+    one_layer = {**TINY, "layers": [1]}
+    cfg = RunConfig(
+        model=str(tiny_dir), model_name="tiny-llama", methods=methods, num_edits=2, edit_batch_size=2,
+        eval_every=2, tasks=["counterfact_edit_scores"], output_dir=str(tmp_path / "run"), seed=0,
+        cache_dir=str(tmp_path / "cache"), device="cpu",
+        hparams={m: "smollm2-135m" for m in methods},
+        overrides={m: one_layer if m in ("ft", "rome") else TINY for m in methods})
+    SequentialRun(cfg, progress=False).run()
+    for m in methods:
+        trace = (tmp_path / "run" / m / "trace.jsonl").read_text().splitlines()
+        assert len(trace) == 1 and json.loads(trace[0])["method"] == m
+        final = json.loads((tmp_path / "run" / m / "checkpoints/edits_000002/results.json").read_text())
+        assert final["seqedit"]["edited_case_ids"] == [0, 1]
+
+    out = tmp_path / "boards"
+    assert leaderboard.main([str(tmp_path / "run"), "--out", str(out)]) == 0
+    import csv
+
+    with open(out / "leaderboard_editing.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["Method"] for r in rows) == sorted(["Pre-edited", *methods])
+    assert all(r["CounterFact Eff."] != "" for r in rows)
