@@ -5,8 +5,9 @@
 
 Phases: statistics (one-off key second moments, cached on disk after the first run: reported
 separately), targets (target-value optimisation), keys (keys and residuals per layer), solve
-(closed-form update, preservation loss, editor state). Peak memory is the process's maximum
-resident set size; "growth" is the RSS increase from the first to the last batch, which stays
+(closed-form update, preservation loss, editor state). Peak memory is the maximum resident set
+size while that editor ran (the window is reset per editor where Linux allows it, else the
+process's maximum so far); "growth" is the RSS increase from the first to the last batch, which stays
 flat when an editor's memory does not grow with the number of edits.
 """
 
@@ -26,12 +27,32 @@ from harness.editors.lyaplock import BASES as LYAPLOCK_BASES
 from harness.loading import load_model
 
 
-def rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def reset_peak() -> bool:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM), so that each
+    editor's peak is its own and not the process's maximum over the editors before it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_mb() -> float:
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm == hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv=None) -> int:
@@ -51,6 +72,7 @@ def main(argv=None) -> int:
     print(f"{'method':<20}{'s/edit':>8}{'targets':>9}{'keys':>8}{'solve':>8}{'stats s':>9}{'peak MB':>9}{'growth MB':>10}")
     for method in args.methods.split(","):
         model.load_state_dict(original)
+        per_method_peak = reset_peak()
         base, _, addon = method.partition("-")
         hp = load_hparams(base, model_name="smollm2-135m", overrides={"base": addon} if addon else None)
         editor = editor_class(base)(model, tok, hp, progress=False)
@@ -66,9 +88,10 @@ def main(argv=None) -> int:
                 phases[k] = phases.get(k, 0.0) + v
             rss.append(rss_mb())
         n = args.batches * args.batch_size
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_mb()
         row = {"method": editor.name, "s_per_edit": total / n, **{k: v / n for k, v in phases.items()},
-               "prepare_s": prep, "peak_rss_mb": peak, "rss_growth_mb": rss[-1] - rss[0]}
+               "prepare_s": prep, "peak_rss_mb": peak, "peak_is_per_method": per_method_peak,
+               "rss_growth_mb": rss[-1] - rss[0]}
         rows.append(row)
         print(f"{row['method']:<20}{row['s_per_edit']:>8.2f}{row['targets']:>9.2f}{row['keys']:>8.2f}"
               f"{row['solve']:>8.2f}{prep:>9.1f}{peak:>9.0f}{row['rss_growth_mb']:>10.1f}", flush=True)
