@@ -105,6 +105,9 @@ def test_kill_and_resume_equals_uninterrupted(tiny_dir, tmp_path):
     assert traces_of(tmp_path / "killed") == traces_of(tmp_path / "straight")
     pre = json.loads((tmp_path / "straight" / "memit/checkpoints/edits_000000/results.json").read_text())
     assert pre["n-samples"]["counterfact_edit_scores"]["effective"] == 24  # the run's records only
+    pre_lyap = json.loads((tmp_path / "straight" / "lyaplock/checkpoints/edits_000000/results.json").read_text())
+    assert pre_lyap["results"] == pre["results"]  # the same untouched model, scored once
+    assert pre_lyap["seqedit"]["method"] == "lyaplock" and pre_lyap["seqedit"]["pre_edited_from"] == "memit"
     final = json.loads((tmp_path / "straight" / "lyaplock/checkpoints/edits_000024/results.json").read_text())
     assert final["seqedit"]["edited_case_ids"] == list(range(24))
     assert "efficacy,none" in final["results"]["counterfact_edit_scores"]
