@@ -10,7 +10,7 @@ Output directory::
 
     manifest.json                   config, versions, git commit, hardware, seed
     <method>/trace.jsonl            one line per edit batch (seconds, preservation loss per layer,
-                                    threshold, queue, update norm, target-value loss)
+                                    threshold, queue, update norm, target-value loss, RSS)
     <method>/checkpoints/edits_000050/results.json   lm-eval's results format
     <method>/state/edit_state.pt    edited weights + editor state + RNG states (atomic writes)
 
@@ -174,6 +174,24 @@ def hardware() -> dict:
     return info
 
 
+def memory_mb() -> dict:
+    """Resident set size of this process now (Linux; else its peak so far) and, on a GPU, the
+    memory torch holds: logged per batch so that growth with the number of edits shows."""
+    import resource
+
+    import torch
+
+    info = {}
+    try:
+        with open("/proc/self/status") as fh:
+            info["rss_mb"] = next(int(ln.split()[1]) / 1024 for ln in fh if ln.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        info["gpu_allocated_mb"] = torch.cuda.memory_allocated() / 2**20
+    return info
+
+
 # ---------------------------------------------------------------------------- run
 
 
@@ -275,7 +293,7 @@ class SequentialRun:
 
         def on_batch(record):
             nonlocal batches_since_save
-            record = dict(record)
+            record = {**record, **memory_mb()}
             with open(trace_path, "a") as fh:
                 fh.write(json.dumps(record, default=_json_default) + "\n")
                 fh.flush()

@@ -116,6 +116,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny_dir, tmp_path):
     lines = (tmp_path / "straight" / "lyaplock" / "trace.jsonl").read_text().splitlines()
     rec = json.loads(lines[-1])
     assert rec["edits_done"] == 24 and {"preservation_loss", "threshold", "queue", "update_norm"} <= set(rec["layers"]["1"])
+    assert rec["rss_mb"] > 50  # the process holds at least torch and the tiny model
 
 
 def test_refuses_to_mix_configs(tiny_dir, tmp_path):
