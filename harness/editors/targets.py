@@ -28,6 +28,7 @@ Efficiency, which is where editing time goes:
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -214,16 +215,23 @@ def _group_suffix_pass(model, arch, layer, upper, group: _Group, pad, prefixes, 
         cache = DynamicCache(config=model.config)
     except TypeError:
         cache = DynamicCache()
-    model(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, past_key_values=cache, use_cache=True)
+    model(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, **_cache_kwargs(model, cache))
     prefix_kv = _snapshot_cache(cache)
     if prefix_kv is None or cache.get_seq_length() != P:
         return None
     h = _run_to_layer(model, arch, layer, upper, group, input_ids=suf_ids,
                       attention_mask=torch.cat([pre_mask, suf_mask], 1), position_ids=suf_pos,
-                      past_key_values=cache, use_cache=True)
+                      **_cache_kwargs(model, cache))
     group.cache = cache
     group.prefix_kv = prefix_kv
     return h
+
+
+def _cache_kwargs(model, cache) -> dict:
+    # transformers 5.x takes the cache as ``cache`` (``past_key_values`` warns that it is going
+    # away); 4.x knows only ``past_key_values``
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
 
 
 def _snapshot_cache(cache):
