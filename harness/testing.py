@@ -15,26 +15,29 @@ def tiny_tokenizer():
     return prepare_tokenizer(load_tokenizer())
 
 
-def tiny_config(arch: str, vocab_size: int, **overrides):
+def tiny_config(arch: str, vocab_size: int, token_ids: dict | None = None, **overrides):
+    """``token_ids``: bos/eos/pad ids of the tokenizer, given at construction because GPT-2's and
+    GPT-J's defaults (50256) lie outside a smaller vocabulary and transformers warns about them."""
     from transformers import GPT2Config, GPTJConfig, LlamaConfig
 
     s = {**TINY_SIZES, **overrides}
+    ids = dict(token_ids or {})
     if arch == "llama":
         return LlamaConfig(
             vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["ffn"],
             num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
             num_key_value_heads=s["heads"], max_position_embeddings=s["positions"],
-            tie_word_embeddings=False,
+            tie_word_embeddings=False, **ids,
         )
     if arch == "gpt2":
         return GPT2Config(
             vocab_size=vocab_size, n_embd=s["hidden"], n_inner=s["ffn"], n_layer=s["layers"],
-            n_head=s["heads"], n_positions=s["positions"],
+            n_head=s["heads"], n_positions=s["positions"], **ids,
         )
     if arch == "gptj":
         return GPTJConfig(
             vocab_size=vocab_size, n_embd=s["hidden"], n_inner=s["ffn"], n_layer=s["layers"],
-            n_head=s["heads"], n_positions=s["positions"], rotary_dim=s["hidden"] // s["heads"],
+            n_head=s["heads"], n_positions=s["positions"], rotary_dim=s["hidden"] // s["heads"], **ids,
         )
     raise ValueError(f"tiny models exist for 'llama', 'gpt2', 'gptj', not {arch!r}")
 
@@ -45,10 +48,9 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 
     tok = tiny_tokenizer()
-    config = tiny_config(arch, len(tok), **overrides)
-    config.pad_token_id = tok.pad_token_id
-    config.bos_token_id = tok.bos_token_id
-    config.eos_token_id = tok.eos_token_id
+    config = tiny_config(arch, len(tok), token_ids={
+        "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+    }, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
