@@ -120,6 +120,15 @@ class Editor:
         phases["solve"] += time.perf_counter() - t0
         self.batches_done += 1
         self.edits_done += len(requests)
+        return self.batch_record(requests, t_start, phases, tv.loss, tv.target_prob, tv.steps, layers_trace, **extra)
+
+    def batch_record(self, requests, t_start: float, phases: dict, losses, target_probs, steps,
+                     layers_trace: dict, **extra) -> dict:
+        """The per-batch trace record, also for editors that run their own loop (FT, ROME); call it
+        after ``batches_done`` and ``edits_done`` count the batch."""
+        def mean(values):
+            return sum(values) / len(values)
+
         return {
             "method": self.name,
             "batch": self.batches_done - 1,
@@ -127,9 +136,9 @@ class Editor:
             "batch_size": len(requests),
             "edit_seconds": time.perf_counter() - t_start,
             "phase_seconds": dict(phases),
-            "target_loss": sum(tv.loss) / len(tv.loss),
-            "target_prob": sum(tv.target_prob) / len(tv.target_prob),
-            "target_steps": sum(tv.steps) / len(tv.steps),
+            "target_loss": mean(losses),
+            "target_prob": mean(target_probs),
+            "target_steps": mean(steps),
             "layers": layers_trace,
             **extra,
         }

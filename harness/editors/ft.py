@@ -22,6 +22,7 @@ training; they are loaded so that the preservation loss D_t is logged as for eve
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -33,25 +34,6 @@ from harness.editors.solvers import preservation_loss
 from harness.editors.tokens import right_padded, target_ids
 
 LOSS_STOP = 1e-2  # the reference's "already learned" threshold
-
-
-def trace_record(editor: Editor, requests, t_start: float, phases: dict, losses, nlls, steps,
-                 layers_trace: dict, **extra) -> dict:
-    """The per-batch trace record every editor returns (the shape ``Editor.apply_batch`` builds),
-    for editors that run their own loop instead of the shared one."""
-    return {
-        "method": editor.name,
-        "batch": editor.batches_done - 1,
-        "edits_done": editor.edits_done,
-        "batch_size": len(requests),
-        "edit_seconds": time.perf_counter() - t_start,
-        "phase_seconds": dict(phases),
-        "target_loss": sum(losses) / len(losses),
-        "target_prob": sum(float(torch.exp(-torch.tensor(x))) for x in nlls) / len(nlls),
-        "target_steps": sum(steps) / len(steps),
-        "layers": layers_trace,
-        **extra,
-    }
 
 
 class TeacherForcedBatch:
@@ -176,5 +158,5 @@ class FTEditor(Editor):
             layers_trace[str(layer)] = entry
         self.batches_done += 1
         self.edits_done += len(requests)
-        return trace_record(self, requests, t_start, {"train": train_seconds}, losses=nll, nlls=nll,
-                            steps=[steps] * len(requests), layers_trace=layers_trace)
+        return self.batch_record(requests, t_start, {"train": train_seconds}, nll,
+                                 [math.exp(-x) for x in nll], [steps] * len(requests), layers_trace)

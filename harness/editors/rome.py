@@ -24,7 +24,6 @@ from collections import defaultdict
 from dataclasses import replace
 
 from harness.editors.base import Editor
-from harness.editors.ft import trace_record
 from harness.editors.keys import compute_keys, read_at_subject
 from harness.editors.solvers import preservation_loss, rome_update
 from harness.editors.targets import compute_target_values
@@ -49,7 +48,7 @@ class ROMEEditor(Editor):
         t_start = time.perf_counter()
         phases = defaultdict(float)
         W_start = self.weight(layer).detach().clone()
-        losses, nlls, steps, norms = [], [], [], []
+        losses, target_probs, steps, norms = [], [], [], []
         for req in requests:
             t0 = time.perf_counter()
             k_star = compute_keys(self.model, self.arch, self.tokenizer, [req], [layer], self.templates)[layer][:, 0]
@@ -71,7 +70,7 @@ class ROMEEditor(Editor):
             self.set_weight(layer, W + delta)
             phases["solve"] += time.perf_counter() - t0
             losses += tv.loss
-            nlls += tv.nll
+            target_probs += tv.target_prob
             steps += tv.steps
             norms.append(float(delta.float().norm()))
             self.edits_done += 1
@@ -80,4 +79,4 @@ class ROMEEditor(Editor):
         if layer in self.C0:
             entry["preservation_loss"] = preservation_loss(W_end, self.W0[layer], self.C0[layer])
         self.batches_done += 1
-        return trace_record(self, requests, t_start, phases, losses, nlls, steps, {str(layer): entry})
+        return self.batch_record(requests, t_start, phases, losses, target_probs, steps, {str(layer): entry})
