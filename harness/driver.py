@@ -174,6 +174,21 @@ def hardware() -> dict:
     return info
 
 
+def count_as_done_before(bar, n: int) -> None:
+    """Advance a progress bar over work finished by an earlier process.
+
+    Counted like an update, a resumed run's skipped methods would look like hundreds of edits a
+    second and the ETA would be far too short; as part of the bar's starting point they leave the
+    rate (and so the ETA) to the edits this process makes.
+    """
+    if bar.disable or n <= 0:
+        return
+    bar.n += n
+    bar.initial += n
+    bar.last_print_n += n
+    bar.refresh()
+
+
 def memory_mb() -> dict:
     """Resident set size of this process now (Linux; else its peak so far) and, on a GPU, the
     memory torch holds: logged per batch so that growth with the number of edits shows."""
@@ -269,7 +284,7 @@ class SequentialRun:
             # every result is on disk: nothing to redo, even where state/ was not kept (a run
             # directory committed without its edit states and resumed on another machine)
             self.bar.write(f"[{method}] complete: all {len(cfg.checkpoints())} checkpoints on disk")
-            self.bar.update(cfg.num_edits)
+            count_as_done_before(self.bar, cfg.num_edits)
             return
         state_path = mdir / "state" / "edit_state.pt"
         trace_path = mdir / "trace.jsonl"
@@ -287,7 +302,7 @@ class SequentialRun:
         else:
             trace_path.unlink(missing_ok=True)
             _seed_everything(cfg.seed)
-        self.bar.update(done)
+        count_as_done_before(self.bar, done)
         stream = lm.stream[: cfg.num_edits]
         batches_since_save = 0
 

@@ -174,3 +174,24 @@ def test_every_editor_runs_through_the_driver_into_the_leaderboard(tiny_dir, tmp
         rows = list(csv.DictReader(fh))
     assert sorted(r["Method"] for r in rows) == sorted(["Pre-edited", *methods])
     assert all(r["CounterFact Eff."] != "" for r in rows)
+
+
+def test_work_from_an_earlier_process_does_not_count_towards_the_rate():
+    import io
+
+    from tqdm import tqdm
+
+    from harness.driver import count_as_done_before
+
+    out = io.StringIO()
+    bar = tqdm(total=1000, file=out, mininterval=0, miniters=1, smoothing=0)
+    count_as_done_before(bar, 600)
+    time.sleep(0.2)
+    bar.update(10)
+    stats = bar.format_dict
+    assert stats["n"] == 610 and stats["initial"] == 600
+    # the rate is the 10 edits made here over the time they took, not 610 over it
+    rate = (stats["n"] - stats["initial"]) / stats["elapsed"]
+    assert rate < 100
+    assert "610/1000" in out.getvalue()
+    bar.close()
