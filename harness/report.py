@@ -220,8 +220,32 @@ def queue_figure(line: Series) -> Plot | None:
     _finish(fig, axes)
     return Plot(_stem(model, line.label, "queue"), f"Queue of {line.label}: {model}",
                 "Z grows while a layer's preservation loss exceeds its threshold; q = a·Z "
-                "weights the pull back to the original model in the next batch (never below 1).",
-                fig, model)
+                "weights the pull back to the original model in the next batch (never below 1). "
+                + queue_summary(line.run), fig, model)
+
+
+def queue_summary(run: MethodRun) -> str:
+    """What the queue did in this run, in one sentence: a flat plot should not need decoding."""
+    losses, thresholds = run.layer_series("preservation_loss"), run.layer_series("threshold")
+    ratios = []
+    for layer, (xs, ys) in losses.items():
+        limit_at = dict(zip(*thresholds.get(layer, ([], []))))
+        ratios += [(loss / limit_at[x], x, layer) for x, loss in zip(xs, ys) if limit_at.get(x)]
+    raised = [
+        (x, layer) for layer, (xs, ys) in run.layer_series("q").items()
+        for x, q in zip(xs, ys) if q > 1.0
+    ]
+    parts = []
+    if ratios:
+        ratio, edits, layer = max(ratios)
+        parts.append(f"Highest preservation loss: {ratio:.2f} × the threshold (layer {layer}, "
+                     f"{edits} edits).")
+    if raised:
+        edits, layer = min(raised, key=lambda r: r[0])
+        parts.append(f"q first rose above 1 after {edits} edits (layer {layer}).")
+    elif run.layer_series("q"):
+        parts.append("q stayed at 1 throughout: no layer's loss passed its threshold.")
+    return " ".join(parts)
 
 
 def edit_time_figure(model: str, series: list[Series]) -> Plot | None:

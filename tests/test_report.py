@@ -7,6 +7,7 @@ are skipped elsewhere with the install command.
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from test_leaderboard import SMOLLM, write_run
+from test_leaderboard import BATCH, LAYERS, SMOLLM, write_run
 
 from harness import report
 from harness.resultsdir import load_runs
@@ -159,6 +160,22 @@ def test_queue_figure_shows_z_and_q_per_layer(written):
     q_layer4 = line(queue[1], "layer 4")
     assert min(q_layer4.get_ydata()) == 1.0  # q never drops below 1
     assert q_layer4.get_ydata()[-1] > 1.0  # and grows once the loss passes the threshold
+
+
+def test_queue_caption_says_when_q_rose_and_how_close_the_loss_came(written, tmp_path):
+    _, page, plots = written
+    # the fixture's LyapLock loss is scale*(batch+1)^2 against 60*scale, capped at 1.3x: the
+    # queue first rises after batch 8 (64 > 60), every layer at once
+    caption = plots[2].caption
+    assert "Highest preservation loss: 1.30 × the threshold" in caption
+    assert f"q first rose above 1 after {8 * BATCH} edits (layer {LAYERS[0]})" in caption
+    assert html.escape(caption) in page.read_text(encoding="utf-8")
+
+    short = write_run(tmp_path, "short", SMOLLM, "zsre", ["lyaplock"], 5 * BATCH, [0, 5 * BATCH])
+    (lyaplock,) = [s for s in report.build_series(load_runs([short])) if s.run.method == "lyaplock"]
+    caption = report.queue_figure(lyaplock).caption
+    assert f"Highest preservation loss: {25 / 60:.2f} × the threshold" in caption
+    assert "q stayed at 1 throughout" in caption
 
 
 # ---------------------------------------------------------------------------- the page
