@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.resultsdir import (
+    EDITING_METRIC_BY_KEY,
     EDITING_METRICS,
     GeneralMetric,
     Measurement,
@@ -109,11 +110,30 @@ def build_leaderboard(runs: list[RunDir], edits: int | None = None) -> Leaderboa
             )
         if 0 not in m.checkpoints:
             notes.append(f"{m.run_path.name}/{m.method}: no pre-edited checkpoint (edits_000000)")
+    notes += unavailable_notes(method_runs, edits)
     tables = [
         editing_table(method_runs, edits, notes),
         general_table(method_runs, edits, notes),
     ]
     return Leaderboard(edits=edits, tables=tables, runs=runs, notes=notes)
+
+
+def unavailable_notes(method_runs: list[MethodRun], edits: int) -> list[str]:
+    """One note per (metric, reason) that a task gave for not reporting it, naming the methods:
+    an empty column should say why it is empty."""
+    methods_by_reason: dict[tuple[str, str], list[str]] = {}
+    for m in method_runs:
+        checkpoint = m.checkpoints.get(edits)
+        if checkpoint is None:
+            continue
+        for key, reason in checkpoint.unavailable().items():
+            if key not in m.editing_at(edits):
+                methods_by_reason.setdefault((key, reason), []).append(m.method)
+    return [
+        f"{EDITING_METRIC_BY_KEY[key].dataset.title} {EDITING_METRIC_BY_KEY[key].label} not "
+        f"reported for {', '.join(dict.fromkeys(methods))}: {reason}"
+        for (key, reason), methods in methods_by_reason.items()
+    ]
 
 
 def default_edits(method_runs: list[MethodRun]) -> int:

@@ -28,6 +28,9 @@ RESULTS_FILE = "results.json"
 CHECKPOINT_PATTERN = re.compile(r"^edits_(\d+)$")
 
 STDERR_SUFFIX = "_stderr"
+# an editing task that cannot compute a metric says why in its config metadata, under the
+# metric's name, starting with this
+UNAVAILABLE_NOTE = "unavailable, not reported: "
 DEFAULT_FILTER = "none"
 
 
@@ -137,6 +140,19 @@ class Checkpoint:
                 if value is not None:
                     found[spec.key] = value
                     break
+        return found
+
+    def unavailable(self) -> dict[str, str]:
+        """Why editing metrics are missing, by ``EditingMetric.key``, where the task said so."""
+        configs = self.results.get("configs") or {}
+        found = {}
+        for spec in EDITING_METRICS:
+            for task, config in configs.items():
+                if not task.startswith(spec.dataset.task_prefix):
+                    continue
+                note = ((config or {}).get("metadata") or {}).get(spec.name)
+                if isinstance(note, str) and note.startswith(UNAVAILABLE_NOTE):
+                    found[spec.key] = note[len(UNAVAILABLE_NOTE):]
         return found
 
     def general(self) -> dict[GeneralMetric, Measurement]:

@@ -66,6 +66,10 @@ GENERAL_PRE = {
 GENERAL_DROP = {"memit": 0.01, "alphaedit": 0.004, "lyaplock": 0.002}
 
 
+# what counterfact_edit_generation records when it cannot score consistency
+NO_CONSISTENCY = "unavailable, not reported: no ROME reference data (idf.npy, ...)"
+
+
 def _scores(names, values, stderrs):
     entry = {}
     for name, value, stderr in zip(names, values, stderrs):
@@ -110,7 +114,9 @@ def results_json(model_backend: str, cf=None, zsre=None, general=None, cf_fluenc
     return {
         "results": results,
         "group_subtasks": subtasks,
-        "configs": {t: {"task": t} for t in results},
+        "configs": {t: {"task": t, **({"metadata": {"consistency": NO_CONSISTENCY}}
+                                      if t == "counterfact_edit_generation" else {})}
+                    for t in results},
         "versions": {t: 1.0 for t in results},
         "n-shot": {t: 0 for t in results},
         "higher_is_better": higher,
@@ -542,6 +548,14 @@ def test_dataset_of_edit_data_specs():
     assert dataset_of("zsre") == "zsre"
     assert dataset_of("/data/zsre_mend_eval.json") == "zsre"
     assert dataset_of("/data/my_facts.jsonl") is None
+
+
+def test_an_unreported_metric_gets_one_note_with_the_tasks_reason(fixture_runs):
+    board = leaderboard.build_leaderboard(load_runs(fixture_runs), 150)
+    reason = NO_CONSISTENCY.removeprefix("unavailable, not reported: ")
+    assert [n for n in board.notes if "Consis." in n] == [
+        f"CounterFact Consis. not reported for memit, alphaedit, lyaplock: {reason}"]
+    assert f"not reported for memit, alphaedit, lyaplock: {reason}" in leaderboard.leaderboard_markdown(board)
 
 
 def test_unfinished_run_lists_what_is_missing(tmp_path):

@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from harness.data.edits import EditRequest
+from harness.resultsdir import UNAVAILABLE_NOTE
 from harness.tasks.edit_metrics import (
     ROME_DATA_ENV,
     SCALE,
@@ -117,7 +118,7 @@ class CounterFactGenerationTask(EditTask):
             except ReferenceDataUnavailable as exc:
                 reason = str(exc)
         if reason:
-            notes["consistency"] = f"unavailable, not reported: {reason}"
+            notes["consistency"] = UNAVAILABLE_NOTE + reason
             log.warning("%s: consistency %s", self.config.task, notes["consistency"])
         else:
             notes["consistency"] = f"TF-IDF cosine with the ROME reference data in {directory}"
