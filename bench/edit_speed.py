@@ -21,22 +21,16 @@ import time
 import torch
 
 from harness.data import load_edit_data
+from harness.driver import proc_status_mb
 from harness.editors import EDITORS, editor_class
 from harness.editors.hparams import load_hparams
 from harness.editors.lyaplock import BASES as LYAPLOCK_BASES
 from harness.loading import load_model
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def rss_mb() -> float:
-    return _status_mb("VmRSS")
+    rss = proc_status_mb("VmRSS")
+    return float("nan") if rss is None else rss
 
 
 def reset_peak() -> bool:
@@ -51,8 +45,8 @@ def reset_peak() -> bool:
 
 
 def peak_mb() -> float:
-    hwm = _status_mb("VmHWM")
-    return hwm if hwm == hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    hwm = proc_status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv=None) -> int:

@@ -189,6 +189,18 @@ def count_as_done_before(bar, n: int) -> None:
     bar.refresh()
 
 
+def proc_status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in MiB; None off Linux."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def memory_mb() -> dict:
     """Resident set size of this process now (Linux; else its peak so far) and, on a GPU, the
     memory torch holds: logged per batch so that growth with the number of edits shows."""
@@ -197,10 +209,10 @@ def memory_mb() -> dict:
     import torch
 
     info = {}
-    try:
-        with open("/proc/self/status") as fh:
-            info["rss_mb"] = next(int(ln.split()[1]) / 1024 for ln in fh if ln.startswith("VmRSS:"))
-    except (OSError, StopIteration):
+    rss = proc_status_mb("VmRSS")
+    if rss is not None:
+        info["rss_mb"] = rss
+    else:
         info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         info["gpu_allocated_mb"] = torch.cuda.memory_allocated() / 2**20
