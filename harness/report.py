@@ -79,13 +79,20 @@ class Plot:
 # ---------------------------------------------------------------------------- series
 
 
+# tab10 cycles after ten, and the leaderboard runs have twelve methods (nine editors and three
+# LyapLock add-ons): two more distinct colours, then tab20's light shades
+METHOD_PALETTE = tuple(
+    [to_hex(c) for c in matplotlib.colormaps["tab10"].colors] + ["#000000", "#a6761d"]
+    + [to_hex(c) for c in matplotlib.colormaps["tab20"].colors[1::2]]
+)
+
+
 def build_series(runs: list[RunDir]) -> list[Series]:
     """Colours follow the method, so a method looks the same in every figure; the line style
     tells apart runs of one method (edited with CounterFact or with ZsRE, say)."""
-    palette = matplotlib.colormaps["tab10"].colors
     method_runs = [m for run in runs for m in run.methods]
     methods = list(dict.fromkeys(m.method for m in method_runs))
-    colors = {m: to_hex(palette[i % len(palette)]) for i, m in enumerate(methods)}
+    colors = {m: METHOD_PALETTE[i % len(METHOD_PALETTE)] for i, m in enumerate(methods)}
     series = []
     for m in method_runs:
         same_method = [o for o in method_runs if o.model == m.model and o.method == m.method]

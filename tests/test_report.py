@@ -8,6 +8,7 @@ are skipped elsewhere with the install command.
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import shutil
@@ -160,6 +161,22 @@ def test_queue_figure_shows_z_and_q_per_layer(written):
     q_layer4 = line(queue[1], "layer 4")
     assert min(q_layer4.get_ydata()) == 1.0  # q never drops below 1
     assert q_layer4.get_ydata()[-1] > 1.0  # and grows once the loss passes the threshold
+
+
+def test_twelve_methods_get_twelve_colours(tmp_path):
+    methods = ["memit", "alphaedit", "lyaplock", "lyaplock-alphaedit", "lyaplock-prune",
+               "lyaplock-rect", "prune", "rect", "rlsedit", "encore", "ft", "rome"]
+    run = tmp_path / "all"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({
+        "config": {"methods": methods, "edit_data": "zsre", "num_edits": BATCH},
+        "model_name": SMOLLM}))
+    for method in methods:
+        (run / method).mkdir()
+        (run / method / "trace.jsonl").write_text(json.dumps(
+            {"method": method, "batch": 0, "edits_done": BATCH, "edit_seconds": 1.0}) + "\n")
+    series = report.build_series(load_runs([run]))
+    assert len(series) == 12 and len({s.color for s in series}) == 12
 
 
 def test_queue_caption_says_when_q_rose_and_how_close_the_loss_came(written, tmp_path):
