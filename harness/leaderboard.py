@@ -126,8 +126,9 @@ def unavailable_notes(method_runs: list[MethodRun], edits: int) -> list[str]:
         checkpoint = m.checkpoints.get(edits)
         if checkpoint is None:
             continue
+        reported = m.editing_at(edits)
         for key, reason in checkpoint.unavailable().items():
-            if key not in m.editing_at(edits):
+            if key not in reported:
                 methods_by_reason.setdefault((key, reason), []).append(m.method)
     return [
         f"{EDITING_METRIC_BY_KEY[key].dataset.title} {EDITING_METRIC_BY_KEY[key].label} not "

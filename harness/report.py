@@ -238,9 +238,9 @@ def queue_summary(run: MethodRun) -> str:
     for layer, (xs, ys) in losses.items():
         limit_at = dict(zip(*thresholds.get(layer, ([], []))))
         ratios += [(loss / limit_at[x], x, layer) for x, loss in zip(xs, ys) if limit_at.get(x)]
+    queue_weights = run.layer_series("q")
     raised = [
-        (x, layer) for layer, (xs, ys) in run.layer_series("q").items()
-        for x, q in zip(xs, ys) if q > 1.0
+        (x, layer) for layer, (xs, ys) in queue_weights.items() for x, q in zip(xs, ys) if q > 1.0
     ]
     parts = []
     if ratios:
@@ -250,7 +250,7 @@ def queue_summary(run: MethodRun) -> str:
     if raised:
         edits, layer = min(raised, key=lambda r: r[0])
         parts.append(f"q first rose above 1 after {edits} edits (layer {layer}).")
-    elif run.layer_series("q"):
+    elif queue_weights:
         parts.append("q stayed at 1 throughout: no layer's loss passed its threshold.")
     return " ".join(parts)
 
