@@ -13,14 +13,17 @@ Output directory::
                                     threshold, queue, update norm, target-value loss, RSS)
     <method>/checkpoints/edits_000050/results.json   lm-eval's results format
     <method>/state/edit_state.pt    edited weights + editor state + RNG states (atomic writes)
+    <method>/.lock                  held by the process editing this method (``--only`` splits)
 
 ``--resume`` continues from the last saved batch; the final results equal an uninterrupted run's
-with the same seed (editing is deterministic and every evaluation is seeded).
+with the same seed (editing is deterministic and every evaluation is seeded). ``--only`` runs a
+subset of the config's methods, so that processes or machines can share one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -201,6 +204,25 @@ def proc_status_mb(field: str) -> float | None:
     return None
 
 
+@contextlib.contextmanager
+def method_lock(method_dir: Path):
+    """Held while a process edits one method, so that two processes sharing an output directory
+    (``--only``) cannot both write the same method's state and trace."""
+    import fcntl
+
+    method_dir.mkdir(parents=True, exist_ok=True)
+    with open(method_dir / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"{method_dir.name} is being run by another process (it holds {method_dir / '.lock'}); "
+                             "give each process a different --only") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def memory_mb() -> dict:
     """Resident set size of this process now (Linux; else its peak so far) and, on a GPU, the
     memory torch holds: logged per batch so that growth with the number of edits shows."""
@@ -223,11 +245,19 @@ def memory_mb() -> dict:
 
 
 class SequentialRun:
-    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True):
+    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True,
+                 only: list[str] | None = None):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.resume = resume
         self.progress = progress
+        # a subset of the config's methods for this process: one run split over several processes
+        # or machines shares one config and one output directory, each taking different methods
+        unknown = [m for m in only or [] if m not in cfg.methods]
+        if unknown:
+            raise SystemExit(f"--only {','.join(unknown)}: not among this run's methods ({', '.join(cfg.methods)}); "
+                             "--only selects from the config's methods, --methods changes them")
+        self.methods = [m for m in cfg.methods if m in (only or cfg.methods)]
 
     # -- manifest / config guard
     def _check_or_write_manifest(self) -> None:
@@ -260,10 +290,11 @@ class SequentialRun:
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_or_write_manifest()
         cfg = self.cfg
-        total = len(cfg.methods) * cfg.num_edits
+        total = len(self.methods) * cfg.num_edits
         self.bar = tqdm(total=total, desc="sequential run", unit="edit", disable=not self.progress, dynamic_ncols=True)
-        for method in cfg.methods:
-            self._run_method(method)
+        for method in self.methods:
+            with method_lock(self._method_dir(method)):
+                self._run_method(method)
         self.bar.close()
         return self.out
 
@@ -485,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="run config YAML (flags override its fields)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output_dir")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="comma-separated subset of the config's methods for this process (split one run "
+                        "over processes or machines; each takes different methods, all use --resume)")
     for f in dataclasses.fields(RunConfig):
         flag = f"--{f.name}"
         if f.name in ("methods", "tasks"):
@@ -505,6 +539,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cli = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
     cfg = RunConfig.from_sources(args.config, cli)
-    out = SequentialRun(cfg, resume=args.resume, progress=not args.no_progress).run()
+    out = SequentialRun(cfg, resume=args.resume, progress=not args.no_progress, only=args.only).run()
     print(f"run complete: {out}")
     return 0

@@ -119,6 +119,39 @@ def test_kill_and_resume_equals_uninterrupted(tiny_dir, tmp_path):
     assert rec["rss_mb"] > 50  # the process holds at least torch and the tiny model
 
 
+def test_one_run_split_over_two_processes_equals_one_process(tiny_dir, tmp_path):
+    cache = tmp_path / "cache"
+    small = dict(num_edits=8, eval_every=4)
+    straight = write_config(tmp_path / "a.yaml", tiny_dir, tmp_path / "straight", cache, **small)
+    proc = run_cli(["--config", str(straight)])
+    log_a = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, log_a[-3000:]
+
+    cfg = write_config(tmp_path / "b.yaml", tiny_dir, tmp_path / "split", cache, **small)
+    procs = [run_cli(["--config", str(cfg), "--resume", "--only", m]) for m in ("lyaplock", "memit")]
+    for p in procs:
+        log = p.communicate(timeout=900)[0]
+        assert p.returncode == 0, log[-3000:]
+    a, b = results_of(tmp_path / "straight"), results_of(tmp_path / "split")
+    assert len(a) == 2 * 3 and a == b
+    assert traces_of(tmp_path / "straight") == traces_of(tmp_path / "split")
+
+
+def test_only_selects_from_the_config_and_one_process_per_method(tiny_dir, tmp_path):
+    from harness.driver import RunConfig, SequentialRun, method_lock
+
+    cfg = RunConfig(model=str(tiny_dir), methods=["memit", "lyaplock"], num_edits=0, eval_every=2,
+                    edit_batch_size=2, tasks=["counterfact_edit_scores"], output_dir=str(tmp_path / "run"))
+    with pytest.raises(SystemExit, match="--only rome: not among this run's methods"):
+        SequentialRun(cfg, only=["rome"])
+    assert SequentialRun(cfg, only=["lyaplock"]).methods == ["lyaplock"]
+    assert SequentialRun(cfg).methods == ["memit", "lyaplock"]
+    with method_lock(tmp_path / "run" / "memit"):  # another process working on memit
+        with pytest.raises(SystemExit, match="memit is being run by another process"):
+            SequentialRun(cfg, only=["memit"], progress=False).run()
+    assert not (tmp_path / "run" / "memit" / "checkpoints").exists()
+
+
 def test_refuses_to_mix_configs(tiny_dir, tmp_path):
     from harness.driver import RunConfig, SequentialRun
 
