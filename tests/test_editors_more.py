@@ -208,6 +208,9 @@ def test_prune_restrains_the_accumulated_update(arch, requests, cache_dir, monke
             assert rec["layers"][str(layer)]["restrained"]
             raw_total = before[layer] + raw - W0[layer]
             s_raw = torch.linalg.svdvals(raw_total)
+            seen = rec["layers"][str(layer)]
+            assert seen["update_sigma_max"] == pytest.approx(float(s_raw[0]), rel=1e-6)
+            assert seen["compressed_singular_values"] == int((s_raw > bound[layer]).sum()) >= 1
             s_new = torch.linalg.svdvals(after[layer] - W0[layer])
             assert s_raw[0] > 2 * bound[layer]  # the restraint is exercised, not only the identity
             assert torch.allclose(s_new, restrained_singular_values(s_raw, bound[layer]), rtol=1e-4, atol=1e-5)
@@ -224,6 +227,7 @@ def test_prune_every_k_batches_leaves_raw_memit_in_between(requests, cache_dir, 
     rec = ed.apply_batch(requests[:4])
     for layer, _W, _K, _R, raw in get_calls():
         assert not rec["layers"][str(layer)]["restrained"]
+        assert "compressed_singular_values" not in rec["layers"][str(layer)]  # nothing was looked at
         assert_close(ed.weight(layer).detach().to(F64), before[layer] + raw, rel=1e-6)
     before = weights(ed)
     n = len(get_calls())
@@ -409,7 +413,11 @@ def test_lyaplock_prune_restrains_and_feeds_the_queue(requests, cache_dir, monke
         for layer, (_, _, raw) in zip(ed.layers, calls[n:]):
             bound = spectral_norm(W0[layer])
             raw_total = before[layer] + raw.to(F64) - W0[layer]
-            assert torch.linalg.svdvals(raw_total)[0] > 2 * bound
+            s_raw = torch.linalg.svdvals(raw_total)
+            assert s_raw[0] > 2 * bound
+            seen = rec["layers"][str(layer)]  # the trace says what the restraint did, beside the queue
+            assert seen["update_sigma_max"] == pytest.approx(float(s_raw[0]), rel=1e-6) and "q" in seen
+            assert seen["compressed_singular_values"] == int((s_raw > bound).sum())
             after = ed.weight(layer).detach().to(F64)
             assert_close(after, W0[layer] + prune_restrain(raw_total, bound))
             # the queue saw the distortion of the restrained weight

@@ -20,6 +20,7 @@ from harness.editors.solvers import (
     preservation_loss,
     preservation_loss_from_moments,
     prune_restrain,
+    prune_restrain_with_spectrum,
     rect_sparsify,
     rome_update,
     spectral_norm,
@@ -388,6 +389,11 @@ def test_prune_restrains_only_large_singular_values(gen):
     assert_close(restrained @ V[:, 4:], delta @ V[:, 4:], 1e-10)  # small directions untouched
     small = 0.5 * sigma_max * delta / float(s[0])
     assert_close(prune_restrain(small, sigma_max), small, 1e-12)
+    clear = U @ torch.diag(torch.where(s == sigma_max, 0.9 * s, s)) @ V.T  # none exactly at the bound
+    _, top, n_big = prune_restrain_with_spectrum(clear, sigma_max)
+    assert top == pytest.approx(4.0 * sigma_max, rel=1e-10) and n_big == 3  # 4, 2 and 1.3 x sigma_max
+    _, top, n_big = prune_restrain_with_spectrum(small, sigma_max)
+    assert top == pytest.approx(0.5 * sigma_max, rel=1e-10) and n_big == 0
 
 
 @pytest.mark.parametrize("keep", [0.4, 0.2, 0.0, 1.0])

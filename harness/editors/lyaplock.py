@@ -88,8 +88,11 @@ class LyapLockEditor(Editor):
         q_used = queue.q
         queue.observe(preservation_loss_value)
         self.memory[layer].add(K, W_new)
-        return {"threshold": queue.threshold, "queue": queue.Z, "q": q_used, "q_next": queue.q,
-                "D_base": queue.D_base}
+        out = {"threshold": queue.threshold, "queue": queue.Z, "q": q_used, "q_next": queue.q,
+               "D_base": queue.D_base}
+        if self.hp.base == "prune":
+            out.update(self.restraint.trace(layer, self.batches_done))
+        return out
 
     def after_batch(self, requests):
         if self.hp.base == "alphaedit":

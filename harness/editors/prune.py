@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from harness.editors.memit import MEMITEditor
-from harness.editors.solvers import prune_restrain, spectral_norm
+from harness.editors.solvers import prune_restrain_with_spectrum, spectral_norm
 
 
 class PruneRestraint:
@@ -37,6 +37,7 @@ class PruneRestraint:
         self.every = int(every)
         self.W0 = W0
         self.sigma_max = {layer: spectral_norm(W) for layer, W in W0.items()}
+        self.seen: dict[int, dict] = {}  # per layer, what the latest restraint saw (for the trace)
 
     def due(self, batch_index: int) -> bool:
         """Whether the batch with this 0-based index ends with a restraint."""
@@ -47,7 +48,18 @@ class PruneRestraint:
         W0 = self.W0[layer].to(torch.float64)
         W64 = W.to(torch.float64)
         total = W64 + delta.to(torch.float64) - W0
-        return (W0 + prune_restrain(total, self.sigma_max[layer]) - W64).to(delta.dtype)
+        restrained, top, n_big = prune_restrain_with_spectrum(total, self.sigma_max[layer])
+        self.seen[layer] = {"update_sigma_max": top, "compressed_singular_values": n_big}
+        return (W0 + restrained - W64).to(delta.dtype)
+
+    def trace(self, layer: int, batch_index: int) -> dict:
+        """Per-layer trace fields: whether this batch ended with a restraint, the bound, and (when
+        it did) the accumulated update's largest singular value and how many were compressed."""
+        due = self.due(batch_index)
+        out = {"restrained": due, "sigma_max_W0": self.sigma_max[layer]}
+        if due and layer in self.seen:
+            out.update(self.seen[layer])
+        return out
 
 
 class PRUNEEditor(MEMITEditor):
@@ -63,5 +75,4 @@ class PRUNEEditor(MEMITEditor):
         return delta
 
     def after_layer(self, i, layer, W_new, K, preservation_loss_value):
-        return {"restrained": self.restraint.due(self.batches_done),
-                "sigma_max_W0": self.restraint.sigma_max[layer]}
+        return self.restraint.trace(layer, self.batches_done)

@@ -457,13 +457,20 @@ def prune_restrain(delta_total: torch.Tensor, sigma_max_W0: float) -> torch.Tens
     PRUNE sets ``W = W0 + restrained``. (The LL/AE baseline adds it to the already edited weight
     instead; see reference notes 1.4.)
     """
+    return prune_restrain_with_spectrum(delta_total, sigma_max_W0)[0]
+
+
+def prune_restrain_with_spectrum(delta_total: torch.Tensor, sigma_max_W0: float) -> tuple[torch.Tensor, float, int]:
+    """:func:`prune_restrain` plus what it saw: the accumulated update's largest singular value
+    and how many singular values exceeded the bound (0: the restraint left the update as it was)."""
     if sigma_max_W0 <= 0:
         raise ValueError(f"sigma_max_W0 must be > 0 (use spectral_norm(W0)), got {sigma_max_W0}")
     D = _f64(delta_total, delta_total.device)
     U, s, Vh = torch.linalg.svd(D, full_matrices=False)
     big = s > sigma_max_W0
+    top, n_big = float(s[0]) if s.numel() else 0.0, int(big.sum())
     s = torch.where(big, torch.log(s) - math.log(sigma_max_W0) + sigma_max_W0, s)
-    return ((U * s) @ Vh).to(delta_total.dtype)
+    return ((U * s) @ Vh).to(delta_total.dtype), top, n_big
 
 
 def rect_sparsify(delta: torch.Tensor, W: torch.Tensor, keep_fraction: float = 0.4) -> torch.Tensor:
