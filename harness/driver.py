@@ -511,18 +511,22 @@ def _set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------- CLI
 
 
+def _comma_list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seqedit run", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="run config YAML (flags override its fields)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output_dir")
     p.add_argument("--no_progress", action="store_true")
-    p.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=None,
+    p.add_argument("--only", type=_comma_list, default=None,
                    help="comma-separated subset of the config's methods for this process (split one run "
                         "over processes or machines; each takes different methods, all use --resume)")
     for f in dataclasses.fields(RunConfig):
         flag = f"--{f.name}"
         if f.name in ("methods", "tasks"):
-            p.add_argument(flag, type=lambda s: [x for x in s.split(",") if x], help=f"comma-separated {f.name}")
+            p.add_argument(flag, type=_comma_list, help=f"comma-separated {f.name}")
         elif f.name in ("task_metadata", "hparams", "overrides"):
             p.add_argument(flag, type=json.loads, help=f"{f.name} as JSON")
         elif f.type in ("bool", bool):
