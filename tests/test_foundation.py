@@ -203,14 +203,16 @@ def test_data_sources_explicit_path_and_clear_errors(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- lm-eval registration
-def _script(name: str) -> str:
-    # the console script installed beside this interpreter, even when its bin/ is not on PATH
-    beside = Path(sys.executable).with_name(name)
-    return str(beside) if beside.exists() else name
+def _lm_eval_command() -> list[str]:
+    # the console script installed beside this interpreter, even when its bin/ is not on PATH;
+    # without one (a venv that reuses system site-packages), the same CLI through this interpreter,
+    # never whichever lm_eval PATH finds first, which may belong to another environment
+    beside = Path(sys.executable).with_name("lm_eval")
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "lm_eval"]
 
 
 def _run(cmd, timeout=600, env=None):
-    cmd = [_script(cmd[0]), *cmd[1:]] if cmd[0] == "lm_eval" else cmd
+    cmd = [*_lm_eval_command(), *cmd[1:]] if cmd[0] == "lm_eval" else cmd
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd="/",
                           env={**os.environ, **(env or {})})
 
