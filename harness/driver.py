@@ -211,16 +211,14 @@ def method_lock(method_dir: Path):
     import fcntl
 
     method_dir.mkdir(parents=True, exist_ok=True)
+    # closing the file releases the lock, also when the process dies
     with open(method_dir / ".lock", "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SystemExit(f"{method_dir.name} is being run by another process (it holds {method_dir / '.lock'}); "
                              "give each process a different --only") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        yield
 
 
 def memory_mb() -> dict:

@@ -150,6 +150,8 @@ def test_only_selects_from_the_config_and_one_process_per_method(tiny_dir, tmp_p
         with pytest.raises(SystemExit, match="memit is being run by another process"):
             SequentialRun(cfg, only=["memit"], progress=False).run()
     assert not (tmp_path / "run" / "memit" / "checkpoints").exists()
+    with method_lock(tmp_path / "run" / "memit"):  # released when the holder is done
+        pass
 
 
 def test_refuses_to_mix_configs(tiny_dir, tmp_path):
