@@ -24,3 +24,11 @@ def tasks_dir() -> str:
     import os
 
     return os.path.join(os.path.dirname(__file__), "tasks")
+
+
+def cache_root():
+    """Where downloads, dequantised models and key statistics are cached (``$SEQEDIT_CACHE``)."""
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("SEQEDIT_CACHE", Path.home() / ".cache" / "seqedit"))

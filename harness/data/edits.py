@@ -22,6 +22,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from harness import cache_root
+
 log = logging.getLogger(__name__)
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
@@ -240,10 +242,6 @@ def parse_zsre_records(records: list[dict], target: str = "answers") -> list[Edi
 
 
 # ---------------------------------------------------------------------------- sources
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SEQEDIT_CACHE", Path.home() / ".cache" / "seqedit"))
 
 
 def _how_to_point() -> str:
