@@ -2,7 +2,8 @@
 
 One pass over the corpus serves every edit layer (hooks on all of them, the forward pass stops
 after the highest) and every method: for a bias-free projection V0 = W0 K0, so LyapLock's
-V0K0^T = W0 C0 and tr(V0V0^T) = tr(W0 C0 W0^T) follow from C0. Accumulated in float64, cached on
+V0K0^T = W0 C0 and tr(V0V0^T) = tr(W0 C0 W0^T) follow from C0. Summed over the corpus in float64
+(each batch's Gram matrix in float32, at most ``batch_tokens`` terms per entry), cached on
 disk under a key of model fingerprint, layer, corpus, sample count and truncation length, written
 atomically, with a progress bar.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from harness import cache_root
 from harness.arch import Architecture, get_module
 from harness.editors.hooks import capture, run_until
 
@@ -78,11 +80,7 @@ def model_fingerprint(model) -> str:
 
 def stats_path(cache_dir, fingerprint, layer, corpus_id, n_samples, max_tokens) -> Path:
     safe = corpus_id.replace("/", "_")
-    return Path(cache_dir) / "stats" / fingerprint / safe / f"layer{layer}_n{n_samples}_t{max_tokens}_mom2_float64.pt"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SEQEDIT_CACHE", Path.home() / ".cache" / "seqedit"))
+    return Path(cache_dir) / "stats" / fingerprint / safe / f"layer{layer}_n{n_samples}_t{max_tokens}_mom2_f32gram_f64sum.pt"
 
 
 @torch.no_grad()
@@ -115,9 +113,13 @@ def accumulate_second_moments(model, arch: Architecture, tokenizer, layers, text
             run_until(model, True, input_ids=ids, attention_mask=mask)
         keep = mask.bool()
         for name, layer in names.items():
-            k = store[name][keep].double()
-            acc = k.T @ k
-            sums[layer] = acc if layer not in sums else sums[layer] + acc
+            k = store[name][keep]
+            # one batch's Gram matrix (at most batch_tokens terms per entry) in the model's
+            # float dtype, the sum over the corpus in float64: the float64 product cost 3x as
+            # much on a CPU and was half of this pass (the reference keeps both in float32)
+            gram = (k.T @ k).double() if k.dtype in (torch.float32, torch.float64) \
+                else k.float().T.matmul(k.float()).double()
+            sums[layer] = gram if layer not in sums else sums[layer].add_(gram)
         count += int(keep.sum())
         bar.set_postfix(tokens=count)
     return {layer: (sums[layer] / count, count) for layer in layers}
@@ -127,7 +129,7 @@ def load_or_compute_second_moments(model, arch, tokenizer, layers, corpus: str, 
                                    max_tokens: int, cache_dir=None, fingerprint: str | None = None,
                                    progress: bool = True) -> dict[int, torch.Tensor]:
     """{layer: C0} (float64, on CPU), from the disk cache when present."""
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir else cache_root()
     fingerprint = fingerprint or model_fingerprint(model)
     texts, corpus_id = corpus_texts(corpus, n_samples)
     out, missing = {}, []
