@@ -1,7 +1,8 @@
 """Make ``lm_eval`` see our models and tasks without extra flags.
 
 lm-eval 0.4.13 has no plugin entry points, so ``harness_lm_eval.pth`` imports this module at
-interpreter start-up. It costs one meta-path finder: nothing is imported until lm-eval itself
+interpreter start-up. It costs one meta-path finder (about 5 ms of start-up, measured in
+BENCHMARKS.md): nothing is imported until lm-eval itself
 imports its registry or task manager, and then only lazy ``"module:Class"`` placeholders are
 registered, so ``lm_eval --model hf`` pays nothing for us (beyond accepting a ``.gguf`` path).
 """
@@ -9,7 +10,6 @@ registered, so ``lm_eval --model hf`` pays nothing for us (beyond accepting a ``
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.machinery
 import os
 import sys
@@ -48,8 +48,8 @@ def add_task_path(manager_module) -> None:
 
 
 def accept_gguf_path(hf_module) -> None:
-    """Let lm-eval's own ``hf`` model take ``pretrained=FILE.gguf`` as our wrappers do: it splits
-    into transformers' (directory, gguf_file) pair. Dequantised GGUF weights produce subnormal
+    """Let lm-eval's own ``hf`` model take ``pretrained=FILE.gguf`` as our wrappers do: the file
+    is dequantised once into our cache and loaded from there. Dequantised GGUF weights produce subnormal
     activations that slow x86 CPUs ~15x, so such loads also flush subnormals (see loading.py)."""
     cls = hf_module.HFLM
     if getattr(cls.__init__, "_harness_patched", False):
@@ -58,15 +58,24 @@ def accept_gguf_path(hf_module) -> None:
 
     def __init__(self, pretrained="gpt2", *args, **kwargs):
         if isinstance(pretrained, str) and pretrained.endswith(".gguf") and not kwargs.get("gguf_file"):
-            from harness.loading import enable_fast_cpu_math, resolve_pretrained
+            from harness.loading import (
+                dequantised_dir,
+                enable_fast_cpu_math,
+                resolve_dtype,
+                resolve_pretrained,
+            )
 
-            pretrained, kwargs["gguf_file"] = resolve_pretrained(pretrained)
+            _, gguf = resolve_pretrained(pretrained)
+            pretrained = str(dequantised_dir(gguf, resolve_dtype(kwargs.get("dtype", "auto"))))
             enable_fast_cpu_math()
         original_init(self, pretrained, *args, **kwargs)
 
     __init__._harness_patched = True
     __init__.__wrapped__ = original_init
     cls.__init__ = __init__
+    from harness.generation import install as route_total_length_sampling
+
+    route_total_length_sampling(cls)
 
 
 _AFTER_LOAD = {
@@ -76,7 +85,7 @@ _AFTER_LOAD = {
 }
 
 
-class _Loader(importlib.abc.Loader):
+class _Loader:  # the loader protocol; importlib.abc alone costs 25 ms at start-up
     def __init__(self, inner, fullname):
         self._inner = inner
         self._fullname = fullname
@@ -92,7 +101,7 @@ class _Loader(importlib.abc.Loader):
             print(f"[harness] could not register with lm-eval: {exc!r}", file=sys.stderr)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:  # the meta path finder protocol
     def find_spec(self, fullname, path, target=None):
         if fullname not in _WATCHED:
             return None

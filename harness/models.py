@@ -20,13 +20,14 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
-from harness import session
+from harness import generation, session
 from harness.data import load_edit_data
 from harness.editors import editor_class
 from harness.editors.hparams import EditHparams, load_hparams
 from harness.loading import load_model
 
 log = logging.getLogger(__name__)
+generation.install(HFLM)  # the reference fluency sampler (also installed by the lm-eval hook)
 
 DEFAULT_NUM_EDITS = 20
 DEFAULT_BATCH_SIZE = 10

@@ -4,8 +4,8 @@
 each with a leading space) for the rewrite prompt, the paraphrases and the neighbourhood
 prompts -> efficacy, generalization, specificity with their ``_magnitude`` and ``_acc``.
 
-``counterfact_edit_generation``: top-k sampled continuations of the generation prompts, 100
-tokens in total including the prompt -> fluency (weighted n-gram entropy) and, where the ROME
+``counterfact_edit_generation``: top-k sampled continuations of the generation prompts, each
+filled up to 100 tokens including the prompt -> fluency (weighted n-gram entropy) and, where the ROME
 TF-IDF statistics and attribute snippets are on this machine, consistency.
 """
 
@@ -124,19 +124,17 @@ class CounterFactGenerationTask(EditTask):
             notes["consistency"] = f"TF-IDF cosine with the ROME reference data in {directory}"
 
     def generation_plan(self, request: EditRequest) -> list[tuple[str, int]]:
-        """(prompt, tokens to generate). The reference samples a record's prompts as one padded
-        batch until it holds 100 tokens, prompt included, so every prompt of the record gets
-        100 minus the longest prompt's length; a record whose prompts fill them is measured as it
-        is. The shared budget also lets lm-eval batch the requests (it groups by gen_kwargs)."""
-        total = int(self.config.metadata.get("max_total_tokens", 100))
+        """(prompt, tokens to generate). The reference's sampler fills each prompt up to
+        ``total_tokens`` tokens, its own length included (harness/generation.py); a prompt
+        already that long is measured as it is."""
+        total = int(self.config.generation_kwargs["total_tokens"])
         prompts = request.generation_prompts or [request.rewrite_prompt,
                                                  *request.paraphrase_prompts]
-        budget = total - max(len(self.tokenizer(p)["input_ids"]) for p in prompts)
-        return [(p, budget) for p in prompts]
+        return [(p, total - len(self.tokenizer(p)["input_ids"])) for p in prompts]
 
     def construct_requests(self, doc, ctx, **kwargs):
         requests = [
-            ("generate_until", (prompt, {**self.config.generation_kwargs, "max_gen_toks": budget}))
+            ("generate_until", (prompt, dict(self.config.generation_kwargs)))
             for prompt, budget in self.generation_plan(request_from_doc(doc))
             if budget > 0
         ]
