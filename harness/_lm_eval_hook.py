@@ -16,7 +16,8 @@ import sys
 
 from harness import MODEL_NAMES, tasks_dir
 
-_WATCHED = ("lm_eval.api.registry", "lm_eval.tasks.manager", "lm_eval.models.huggingface")
+_WATCHED = ("lm_eval.api.registry", "lm_eval.tasks.manager", "lm_eval.models.huggingface",
+            "lm_eval.evaluator")
 
 
 def register_models(registry_module) -> None:
@@ -78,10 +79,50 @@ def accept_gguf_path(hf_module) -> None:
     route_total_length_sampling(cls)
 
 
+def check_hub_data_first(evaluator_module) -> None:
+    """Before one of our editing wrappers is built (and edits), check that the hub datasets of the
+    requested tasks can be had; under the lm_eval CLI a missing one is one line and exit code 2."""
+    original = evaluator_module.simple_evaluate
+    if getattr(original, "_harness_patched", False):
+        return
+
+    def simple_evaluate(*args, **kwargs):
+        model = kwargs.get("model", args[0] if args else None)
+        tasks = kwargs.get("tasks")
+        if isinstance(model, str) and model in MODEL_NAMES and tasks:
+            from harness.hub_datasets import HubDataUnavailable, preflight
+
+            if kwargs.get("task_manager") is None:
+                from lm_eval.tasks import TaskManager
+
+                kwargs["task_manager"] = TaskManager(metadata=kwargs.get("metadata"))
+            names = tasks if isinstance(tasks, (list, tuple)) else [tasks]
+            try:
+                preflight(kwargs["task_manager"], names)
+            except HubDataUnavailable as exc:
+                if _under_lm_eval_cli():
+                    print(f"lm_eval: error: {exc}", file=sys.stderr)
+                    raise SystemExit(2) from None
+                raise
+        return original(*args, **kwargs)
+
+    simple_evaluate._harness_patched = True
+    simple_evaluate.__wrapped__ = original
+    simple_evaluate.__doc__ = original.__doc__
+    evaluator_module.simple_evaluate = simple_evaluate
+
+
+def _under_lm_eval_cli() -> bool:
+    program = os.path.basename(sys.argv[0]) if sys.argv else ""
+    parent = os.path.basename(os.path.dirname(sys.argv[0])) if sys.argv else ""
+    return program in ("lm_eval", "lm-eval") or (program == "__main__.py" and parent == "lm_eval")
+
+
 _AFTER_LOAD = {
     "lm_eval.api.registry": register_models,
     "lm_eval.tasks.manager": add_task_path,
     "lm_eval.models.huggingface": accept_gguf_path,
+    "lm_eval.evaluator": check_hub_data_first,
 }
 
 

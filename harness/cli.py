@@ -11,6 +11,8 @@ commands:
   leaderboard  tables from run directories (seqedit leaderboard --help)
   report       plots + HTML report from run directories (seqedit report --help)
   paths        print the embedded model file, task directory and bundled data
+  hub-cache    put a hub dataset (e.g. nyu-mll/glue) into the datasets cache from local files,
+               for lm-eval's own tasks without the Hub (seqedit hub-cache --help)
 """
 
 
@@ -48,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         return report_main(rest)
     if command == "paths":
         return _paths()
+    if command == "hub-cache":
+        from harness.hub_datasets import main as hub_cache_main
+
+        return hub_cache_main(rest)
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -221,9 +221,9 @@ def test_generation_is_seeded_bounded_and_scored_by_entropy(lm, model_and_tok, t
             doc["prompt"].format(doc["subject"]), *doc["paraphrase_prompts"]]
         for g, (_, kwargs) in zip(generations, sample["arguments"]):
             assert kwargs["top_k"] == 5 and kwargs["do_sample"] is True
-            # one budget per record, as the reference's padded batch: 100 - longest prompt
-            assert g["max_new_tokens"] == kwargs["max_gen_toks"] == 100 - max(
-                len(tok(h["prompt"]).input_ids) for h in generations)
+            # as the reference's generate_fast: each prompt filled to 100 tokens with itself
+            assert kwargs["total_tokens"] == 100
+            assert g["max_new_tokens"] == 100 - len(tok(g["prompt"]).input_ids)
             assert g["text"].startswith(g["prompt"])
             assert len(tok(g["text"]).input_ids) <= 100 + 2  # re-tokenising may merge/split
         expected = 100 * statistics.mean(em.ngram_entropy(g["text"]) for g in generations)
