@@ -236,3 +236,40 @@ def test_lyaplock_wrapper_on_smollm2_learns_twenty_counterfact_edits():
     for rec in lm.trace:
         for entry in rec["layers"].values():
             assert entry["threshold"] > 0 and entry["preservation_loss"] > 0 and entry["queue"] > 0
+
+
+def _metaspace_tokenizer(prepend_scheme: str):
+    """A Llama-style tokenizer: SentencePiece's '▁' marks a word's leading space, BOS first."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["Paris", "French", "New", "York"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3}
+    for w in words:
+        vocab[w] = len(vocab)
+        vocab["▁" + w] = len(vocab)
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme)
+    from tokenizers.processors import TemplateProcessing
+
+    inner.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+@pytest.mark.parametrize("family", ["gpt2-bpe", "metaspace-always", "metaspace-first"])
+def test_target_tokens_get_one_leading_space_as_the_reference(family):
+    from harness.editors.tokens import target_ids
+
+    if family == "gpt2-bpe":  # SmolLM2's byte-level BPE, GPT-2 style ('Ġ' for a leading space)
+        tok = tiny_model("llama")[1]
+    else:
+        tok = _metaspace_tokenizer("always" if family == "metaspace-always" else "first")
+    for target in ("Paris", "New York"):
+        reference = tok(" " + target).input_ids
+        if reference[0] in {tok.bos_token_id, tok.unk_token_id} - {None}:
+            reference = reference[1:]
+        assert target_ids(tok, target) == reference
+        # a target that already starts with a space is not given a second one
+        assert target_ids(tok, " " + target) == reference
+    assert tok.bos_token_id not in target_ids(tok, "Paris")

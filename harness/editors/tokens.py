@@ -24,8 +24,12 @@ def right_padded(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, tor
 
 
 def target_ids(tokenizer, target: str) -> list[int]:
-    """Token ids of ``" " + target`` without a BOS the tokenizer may prepend."""
-    ids = tokenizer(" " + target).input_ids
-    if tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id:
+    """Token ids of the edit target as the reference encodes it: a leading space is added unless
+    the target already has one (MEMIT's request preprocessing), and a BOS or UNK token the
+    tokenizer puts first is dropped (``compute_z``)."""
+    text = target if target.startswith(" ") else " " + target
+    ids = tokenizer(text).input_ids
+    leading = {tokenizer.bos_token_id, tokenizer.unk_token_id} - {None}
+    if ids and ids[0] in leading:
         ids = ids[1:]
     return ids
