@@ -21,6 +21,7 @@ from harness.editors.solvers import (
     lyaplock_nullspace_delta,
     nullspace_projector,
     prune_restrain,
+    rect_sparsify,
     spectral_norm,
 )
 from harness.editors.tokens import target_ids
@@ -256,6 +257,24 @@ def test_rect_keeps_the_largest_relative_changes(keep, requests, cache_dir, monk
         assert_close(written[kept], raw[kept], rel=1e-5)
         rel = raw.abs() / (before[layer].abs() + 1e-8)
         assert float(rel[kept].min()) >= float(rel[~kept].max())
+
+
+def test_rect_solves_every_layer_densely_then_sparsifies_as_the_reference(requests, cache_dir):
+    """The reference computes all of a batch's dense per-layer MEMIT updates (each layer's residual
+    sees the dense updates below it) and keeps the top entries when writing them; sparsifying
+    inside the layer loop changes the later layers' residuals and so their updates."""
+    rect = make_editor("rect", cache_dir, mom2_update_weight=1.0, rect_keep_fraction=0.3)
+    memit = make_editor("memit", cache_dir, mom2_update_weight=1.0)
+    before = weights(rect)
+    memit.apply_batch(requests[:4])
+    record = rect.apply_batch(requests[:4])
+    dense = {layer: weights(memit)[layer] - before[layer] for layer in rect.layers}
+    for layer in rect.layers:
+        expected = rect_sparsify(dense[layer], before[layer], 0.3)
+        assert_close(weights(rect)[layer] - before[layer], expected, rel=1e-5)
+        # the trace describes the sparse weight actually written
+        assert record["layers"][str(layer)]["update_norm"] == pytest.approx(
+            float(expected.norm()), rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------- RLSEdit

@@ -3,7 +3,10 @@
 For a batch of requests: target values z* at the last edit layer (all requests optimised
 together), then for each edit layer in order: keys on the current (partially edited) model, the
 residual still missing at the last layer divided by the number of layers left, the editor's
-closed-form solve, the update written in place, and the preservation loss D_t of the layer.
+closed-form solve and the update written in place. After the last layer, each layer's update
+may be replaced by its final form (``finish_update``: RECT's sparsification, as the reference
+applies it after all layers were solved), then the preservation loss D_t of the weight finally
+written and the editor's per-layer bookkeeping (``after_layer``).
 An editor subclass supplies ``solve_layer`` and whatever state it carries across batches.
 """
 
@@ -97,7 +100,7 @@ class Editor:
         t0 = time.perf_counter()
         tv = compute_target_values(self.model, self.arch, self.tokenizer, requests, last, self.templates, self.hp)
         phases["targets"] += time.perf_counter() - t0
-        layers_trace = {}
+        solved = []
         for i, layer in enumerate(self.layers):
             t0 = time.perf_counter()
             K = compute_keys(self.model, self.arch, self.tokenizer, requests, [layer], self.templates)[layer]
@@ -107,14 +110,23 @@ class Editor:
             t0 = time.perf_counter()
             W = self.weight(layer).detach().clone()
             delta = self.solve_layer(i, layer, W, K, R, requests)
+            self.set_weight(layer, W + delta.to(W.dtype))
+            solved.append((i, layer, W, K, delta))
+            phases["solve"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        layers_trace = {}
+        for i, layer, W, K, delta in solved:
+            final = self.finish_update(layer, W, delta)
+            if final is not delta:
+                delta = final
+                self.set_weight(layer, W + delta.to(W.dtype))
             W_new = W + delta.to(W.dtype)
-            self.set_weight(layer, W_new)
             entry = {"update_norm": float(delta.float().norm())}
             if layer in self.C0:
                 entry["preservation_loss"] = preservation_loss(W_new, self.W0[layer], self.C0[layer])
             entry.update(self.after_layer(i, layer, W_new, K, entry.get("preservation_loss")) or {})
             layers_trace[str(layer)] = entry
-            phases["solve"] += time.perf_counter() - t0
+        phases["solve"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         extra = self.after_batch(requests) or {}
         phases["solve"] += time.perf_counter() - t0
@@ -146,7 +158,15 @@ class Editor:
     def solve_layer(self, i: int, layer: int, W: torch.Tensor, K: torch.Tensor, R: torch.Tensor, requests) -> torch.Tensor:
         raise NotImplementedError
 
+    def finish_update(self, layer: int, W: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The update finally written to ``layer`` (whose weight was ``W`` before the batch), once
+        every layer of the batch was solved with its dense ``delta`` in place (so later layers'
+        residuals saw it): RECT sparsifies here, as the reference does when applying its deltas.
+        Return ``delta`` itself to keep it."""
+        return delta
+
     def after_layer(self, i, layer, W_new, K, preservation_loss_value) -> dict | None:
+        """Per-layer bookkeeping on the weight finally written (after ``finish_update``)."""
         return None
 
     def after_batch(self, requests) -> dict | None:

@@ -17,7 +17,7 @@ memory stay as above, the per-layer step changes.
   values above sigma_max(W0) compressed logarithmically, on ``prune_every``'s schedule; see
   :mod:`harness.editors.prune`).
 * ``rect``: the step's update sparsified as RECT does (top ``rect_keep_fraction`` entries by
-  relative change; :mod:`harness.editors.rect`).
+  relative change, once every layer of the batch was solved densely; :mod:`harness.editors.rect`).
 * ``alphaedit``: the step restricted to AlphaEdit's null space of the generic keys: minimise the
   objective above plus AlphaEdit's ``l2 ||Delta||^2`` over updates with ``Delta = Delta P``, which
   gives ``Delta = left P (A P + l2 I)^-1`` with LyapLock's normal equations ``Delta A = left``
@@ -79,8 +79,11 @@ class LyapLockEditor(Editor):
         delta = lyaplock_delta(*args, **memo)
         if hp.base == "prune" and self.restraint.due(self.batches_done):
             delta = self.restraint.restrained_update(layer, W, delta)
-        elif hp.base == "rect":
-            delta = rect_sparsify(delta, W, hp.rect_keep_fraction)
+        return delta
+
+    def finish_update(self, layer, W, delta):
+        if self.hp.base == "rect":  # after every layer was solved densely, as RECT
+            return rect_sparsify(delta, W, self.hp.rect_keep_fraction)
         return delta
 
     def after_layer(self, i, layer, W_new, K, preservation_loss_value):
