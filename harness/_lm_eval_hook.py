@@ -1,7 +1,7 @@
 """Make ``lm_eval`` see our models and tasks without extra flags.
 
 lm-eval 0.4.13 has no plugin entry points, so ``harness_lm_eval.pth`` imports this module at
-interpreter start-up. It costs one meta-path finder (about 5 ms of start-up, measured in
+interpreter start-up. It costs one meta-path finder (1-2 ms of start-up, measured in
 BENCHMARKS.md): nothing is imported until lm-eval itself
 imports its registry or task manager, and then only lazy ``"module:Class"`` placeholders are
 registered, so ``lm_eval --model hf`` pays nothing for us (beyond accepting a ``.gguf`` path).

@@ -73,7 +73,8 @@ def generate_until(lm, requests, fallback, disable_tqdm: bool = False) -> list[s
     ours = [k for k, req in enumerate(requests) if TOTAL_TOKENS_KEY in req.args[1]]
     if not ours:
         return fallback(requests, disable_tqdm)
-    others = [k for k in range(len(requests)) if k not in set(ours)]
+    mine = set(ours)
+    others = [k for k in range(len(requests)) if k not in mine]
     answers: list[str | None] = [None] * len(requests)
     if others:
         for k, text in zip(others, fallback([requests[k] for k in others], disable_tqdm)):
@@ -97,22 +98,21 @@ def generate_until(lm, requests, fallback, disable_tqdm: bool = False) -> list[s
     batch_size = max(lm.batch_size if isinstance(lm.batch_size, int) else 1, SAMPLER_MIN_BATCH)
     bar = tqdm(total=len(ours), desc="Sampling to total length", disable=disable_tqdm)
     for (total, top_k), members in groups.items():
-        contexts = [requests[k].args[0] for k in members]
-        prompt_ids = [lm.tok_encode(c) for c in contexts]
+        prompt_ids = [lm.tok_encode(requests[k].args[0]) for k in members]
         new_ids = sample_to_total_length(
             lm.model, prompt_ids, total, top_k,
             pad_token_id=lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0,
             seeds=[(base_seed + k) % 2**63 for k in members], batch_size=batch_size,
             progress=bar.update)
-        for k, context, prompt, new in zip(members, contexts, prompt_ids, new_ids):
-            answers[k] = _continuation_text(lm.tokenizer, context, prompt, new)
+        for k, prompt, new in zip(members, prompt_ids, new_ids):
+            answers[k] = _continuation_text(lm.tokenizer, prompt, new)
             lm.cache_hook.add_partial("generate_until", requests[k].args, answers[k])
         bar.update(sum(1 for p in prompt_ids if len(p) >= total))
     bar.close()
     return answers
 
 
-def _continuation_text(tokenizer, context: str, prompt: list[int], new: list[int]) -> str:
+def _continuation_text(tokenizer, prompt: list[int], new: list[int]) -> str:
     """The reference decodes prompt and generation together (special tokens kept; the metric
     strips the end-of-text marker): the text after the decoded prompt."""
     whole = tokenizer.decode(prompt + new, skip_special_tokens=False)

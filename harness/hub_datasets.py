@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -25,31 +24,28 @@ class HubDataUnavailable(RuntimeError):
 
 
 def datasets_cache() -> Path:
-    env = os.environ.get("HF_DATASETS_CACHE")
-    if env:
-        return Path(env).expanduser()
-    home = os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")
-    return Path(home).expanduser() / "datasets"
+    import datasets.config
+
+    return Path(datasets.config.HF_DATASETS_CACHE)
 
 
-def _snake(name: str) -> str:
-    # datasets.naming.camelcase_to_snakecase, which names the cache directory
-    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
-    return re.sub(r"([a-z\d])([A-Z])", r"\1_\2", name).lower()
+def dataset_cache_dir(path: str, cache: Path | None = None) -> Path:
+    """Where ``datasets`` keeps the hub dataset ``path`` (e.g. ``nyu-mll___glue``)."""
+    from datasets.naming import camelcase_to_snakecase
 
-
-def cache_root(path: str, cache: Path | None = None) -> Path:
     *namespace, name = path.split("/")
-    return (cache or datasets_cache()) / "___".join([*namespace, _snake(name)])
+    return (cache or datasets_cache()) / "___".join([*namespace, camelcase_to_snakecase(name)])
 
 
 def is_cached(path: str, config: str | None, cache: Path | None = None) -> bool:
-    root = cache_root(path, cache) / (config or "default")
+    root = dataset_cache_dir(path, cache) / (config or "default")
     return any(root.glob("*/*/dataset_info.json"))
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
-    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in OFFLINE_ENV):
+    import datasets.config
+
+    if datasets.config.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE or HF_DATASETS_OFFLINE
         return False
     import urllib.request
 
@@ -115,7 +111,7 @@ def preflight(task_manager, names) -> None:
     raise HubDataUnavailable(
         f"the requested tasks need {what} from the Hugging Face Hub, which cannot be reached "
         f"({why}), and the datasets cache {datasets_cache()} has no copy. Either make a local "
-        f"copy (copy {cache_root(first).name}/ from the datasets cache of a machine that loaded "
+        f"copy (copy {dataset_cache_dir(first).name}/ from the datasets cache of a machine that loaded "
         f"it, or build it from its parquet/JSONL files: seqedit hub-cache {first} DIR), or use "
         f"--tasks edit_glue (our offline GLUE/MMLU protocol). No edit was made.")
 
@@ -125,10 +121,11 @@ def write_cache_entry(path: str, config: str | None, splits: dict, cache: Path |
     looks for ``load_dataset(path, config)`` without the Hub. Returns the entry's directory."""
     import datasets
     from datasets.arrow_writer import ArrowWriter
+    from datasets.naming import camelcase_to_snakecase
 
-    directory = cache_root(path, cache) / (config or "default") / CACHE_VERSION / CACHE_HASH
+    directory = dataset_cache_dir(path, cache) / (config or "default") / CACHE_VERSION / CACHE_HASH
     directory.mkdir(parents=True, exist_ok=True)
-    builder_name = _snake(path.split("/")[-1])
+    builder_name = camelcase_to_snakecase(path.split("/")[-1])
     split_infos, features = {}, None
     for split, rows in splits.items():
         table = rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))

@@ -196,8 +196,12 @@ def _dtype_name(torch_dtype) -> str:
 def _gguf_cache_dir(gguf_file: str, torch_dtype=None) -> Path:
     """Cache directory of one GGUF's dequantised weights: keyed by the file's content (sha256)
     and the dtype, so a changed file never reuses another's weights and the path does not matter."""
-    key = f"{Path(gguf_file).stem}-{file_sha256(gguf_file)[:16]}-{_dtype_name(torch_dtype)}"
-    return harness.cache_root() / "models" / key
+    prefix = _gguf_cache_prefix(gguf_file)
+    return prefix.with_name(f"{prefix.name}-{_dtype_name(torch_dtype)}")
+
+
+def _gguf_cache_prefix(gguf_file: str) -> Path:
+    return harness.cache_root() / "models" / f"{Path(gguf_file).stem}-{file_sha256(gguf_file)[:16]}"
 
 
 def dequantised_dir(gguf_file: str, torch_dtype=None) -> Path:
@@ -261,8 +265,13 @@ def load_tokenizer(pretrained=None, gguf_file: str | None = None, **kw):
     name, gguf = resolve_pretrained(pretrained)
     gguf = gguf_file or gguf
     if gguf:
-        # the GGUF's own directory holds no tokenizer files: never hand it over without gguf_file
-        return AutoTokenizer.from_pretrained(str(dequantised_dir(gguf)), **kw)
+        # the GGUF's own directory holds no tokenizer files: never hand it over without gguf_file.
+        # Every dtype's dequantised directory holds the same tokenizer: take any that exists.
+        prefix = _gguf_cache_prefix(gguf)
+        existing = sorted(p for p in prefix.parent.glob(f"{prefix.name}-*/tokenizer_config.json")
+                          if ".tmp" not in p.parent.name)  # not one being written
+        directory = existing[0].parent if existing else dequantised_dir(gguf)
+        return AutoTokenizer.from_pretrained(str(directory), **kw)
     return AutoTokenizer.from_pretrained(name, **kw)
 
 

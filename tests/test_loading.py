@@ -112,3 +112,24 @@ def test_wrapper_loads_a_transformers_directory_as_from_the_hub(tmp_path):
                  hparams="smollm2-135m", layers="1", cache_dir=str(tmp_path / "cache"))
     for name, p in model.state_dict().items():
         assert torch.equal(lm.model.state_dict()[name], p), name
+
+
+def test_tokenizer_of_a_gguf_reuses_any_dtype_already_dequantised(tmp_path, monkeypatch):
+    """A bfloat16 run must not dequantise a float32 copy just for the tasks' tokenizer."""
+    import harness.loading as loading
+    from harness.testing import tiny_tokenizer
+
+    monkeypatch.setenv("SEQEDIT_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"not really a gguf")
+    import torch
+
+    bf16_dir = loading._gguf_cache_dir(str(gguf), torch.bfloat16)
+    tiny_tokenizer().save_pretrained(bf16_dir)
+
+    def no_dequantisation(*args, **kwargs):
+        raise AssertionError("the tokenizer was there already")
+
+    monkeypatch.setattr(loading, "dequantised_dir", no_dequantisation)
+    tok = loading.load_tokenizer(str(gguf))
+    assert tok("Paris").input_ids == tiny_tokenizer()("Paris").input_ids

@@ -117,10 +117,10 @@ class Editor:
         layers_trace = {}
         for i, layer, W, K, delta in solved:
             final = self.finish_update(layer, W, delta)
+            W_new = W + final.to(W.dtype)
             if final is not delta:
-                delta = final
-                self.set_weight(layer, W + delta.to(W.dtype))
-            W_new = W + delta.to(W.dtype)
+                self.set_weight(layer, W_new)
+            delta = final
             entry = {"update_norm": float(delta.float().norm())}
             if layer in self.C0:
                 entry["preservation_loss"] = preservation_loss(W_new, self.W0[layer], self.C0[layer])

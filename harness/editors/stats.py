@@ -114,11 +114,11 @@ def accumulate_second_moments(model, arch: Architecture, tokenizer, layers, text
         keep = mask.bool()
         for name, layer in names.items():
             k = store[name][keep]
-            # one batch's Gram matrix (at most batch_tokens terms per entry) in the model's
-            # float dtype, the sum over the corpus in float64: the float64 product cost 3x as
-            # much on a CPU and was half of this pass (the reference keeps both in float32)
-            gram = (k.T @ k).double() if k.dtype in (torch.float32, torch.float64) \
-                else k.float().T.matmul(k.float()).double()
+            # one batch's Gram matrix (at most batch_tokens terms per entry) in float32 (a float64
+            # model's in float64), the sum over the corpus in float64: the float64 product cost
+            # 3x as much on a CPU and was half of this pass (the reference keeps both in float32)
+            k = k if k.dtype == torch.float64 else k.float()
+            gram = (k.T @ k).double()
             sums[layer] = gram if layer not in sums else sums[layer].add_(gram)
         count += int(keep.sum())
         bar.set_postfix(tokens=count)
