@@ -265,14 +265,26 @@ def load_tokenizer(pretrained=None, gguf_file: str | None = None, **kw):
     name, gguf = resolve_pretrained(pretrained)
     gguf = gguf_file or gguf
     if gguf:
-        # the GGUF's own directory holds no tokenizer files: never hand it over without gguf_file.
-        # Every dtype's dequantised directory holds the same tokenizer: take any that exists.
-        prefix = _gguf_cache_prefix(gguf)
-        existing = sorted(p for p in prefix.parent.glob(f"{prefix.name}-*/tokenizer_config.json")
-                          if ".tmp" not in p.parent.name)  # not one being written
-        directory = existing[0].parent if existing else dequantised_dir(gguf)
-        return AutoTokenizer.from_pretrained(str(directory), **kw)
+        return AutoTokenizer.from_pretrained(str(gguf_tokenizer_dir(gguf)), **kw)
     return AutoTokenizer.from_pretrained(name, **kw)
+
+
+def gguf_tokenizer_dir(gguf_file: str) -> Path:
+    """A directory holding the GGUF's tokenizer (the GGUF's own directory holds none): any
+    dtype's dequantised directory (all hold the same tokenizer), else a tokenizer-only one,
+    written once without dequantising the weights."""
+    prefix = _gguf_cache_prefix(gguf_file)
+    existing = sorted(p.parent for p in prefix.parent.glob(f"{prefix.name}-*/tokenizer_config.json")
+                      if ".tmp" not in p.parent.name)  # not one being written
+    if existing:
+        return existing[0]
+    from transformers import AutoTokenizer
+
+    cached = prefix.with_name(f"{prefix.name}-tokenizer")
+    with _gguf_parsed_once():
+        tok = AutoTokenizer.from_pretrained(str(Path(gguf_file).parent), gguf_file=gguf_file)
+    _publish_dir(cached, tok.save_pretrained)
+    return cached
 
 
 def _publish_dir(final: Path, write) -> None:

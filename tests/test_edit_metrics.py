@@ -138,6 +138,56 @@ def test_teacher_forced_steps_restore_the_space_sentencepiece_drops():
         ("Q?", " New"), ("Q? New", " York"), ("Q? New York", " City")]
 
 
+# answers whose characters SmolLM2's byte-level BPE splits over several tokens (from ZsRE)
+SPLIT_CHARACTERS = [("Which sports team is Ilgar Nabiyev playing for?", "TKİ Tavşanlı Linyitspor"),
+                    ("What sports team was Piotr Celeban a member of?", "Śląsk Wrocław")]
+
+
+@pytest.mark.parametrize("family", ["smollm2", "gemma"])
+def test_zsre_steps_cover_exactly_the_answer_tokens(family, request):
+    """On the real tokenizers, every ZsRE prompt of the bundled sample (and answers with split
+    characters): the steps' texts put together are the answer, and each step's text, after its
+    context, is exactly the next answer token(s) as lm-eval tokenizes the answer after the
+    question; the answer alone tokenizes the same (what the reference scores)."""
+    from harness.data import load_zsre
+
+    tok = request.getfixturevalue(f"{family}_tokenizer")
+    cases = SPLIT_CHARACTERS[:]
+    for r in load_zsre():
+        cases += [(r.rewrite_prompt, r.target_new), *((p, r.target_new) for p in r.paraphrase_prompts),
+                  *((p, r.neighborhood_target) for p in r.neighborhood_prompts)]
+    merged = 0
+    for prompt, target in cases:
+        steps = em.teacher_forced_steps(tok, prompt, target)
+        ids = em.continuation_token_ids(tok, prompt, " " + target)
+        assert "".join(s.token for s in steps) == " " + target
+        assert sum(s.n_tokens for s in steps) == len(ids)
+        i = 0
+        for s in steps:
+            assert s.context == prompt + (" " + target)[:len(s.context) - len(prompt)]
+            scored = em._encode(tok, s.context + s.token)[len(em._encode(tok, s.context)):]
+            assert scored == ids[i:i + s.n_tokens], (prompt, target, s)
+            i += s.n_tokens
+        assert tok(" " + target, add_special_tokens=False).input_ids == ids
+        merged += any(s.n_tokens > 1 for s in steps)
+    assert len(cases) > 1000
+    # SmolLM2 splits 'İ', 'ş', 'ą', ...; Gemma's vocabulary has them whole
+    assert (merged >= 2) if family == "smollm2" else merged == 0
+
+
+def test_a_split_character_is_one_step_counted_per_token():
+    from harness.tasks.zsre_edit.task import step_correct, step_request
+
+    step = em.TokenStep("Q? TK", "İ", 2)
+    assert step_request(step) == ("loglikelihood", ("Q? TK", "İ"))
+    assert step_correct(step, (-1.0, True)) == [True, True]
+    assert step_correct(step, (-1.0, False)) == [False, False]
+    spaced = em.TokenStep("Q? ", "İ", 2)
+    kind, (context, gen) = step_request(spaced)
+    assert kind == "generate_until" and context == "Q? " and gen["max_gen_toks"] == 2
+    assert step_correct(spaced, "İ") == [True, True] and step_correct(spaced, "I") == [False, False]
+
+
 # ---------------------------------------------------------------------------- consistency
 
 

@@ -12,7 +12,7 @@ import torch
 from harness.data import load_counterfact
 from harness.data.edits import EditRequest
 from harness.editors import editor_class
-from harness.editors.ft import FTEditor, TeacherForcedBatch
+from harness.editors.ft import FTEditor, TargetBatch
 from harness.editors.hparams import load_hparams
 from harness.editors.memit import MEMITEditor
 from harness.editors.rlsedit import RLSEditEditor
@@ -92,19 +92,49 @@ def restrained_singular_values(s, sigma_max):
 # ------------------------------------------------------------------------------------------ FT
 
 
-def test_ft_loss_is_teacher_forced_nll(requests):
+@torch.no_grad()
+def ft_nll(model, tok, req, loss):
+    """Independent per-token mean NLL of a request's target: every target token at the last
+    prompt position (the reference), or teacher-forced, one plain forward pass per request."""
+    tids = target_ids(tok, req.target_new)
+    prompt = tok(req.prompt.format(req.subject)).input_ids
+    if loss == "last_position":
+        logp = model(torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
+        return -sum(float(logp[t]) for t in tids) / len(tids)
+    ids = prompt + tids
+    logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    n = len(prompt)
+    return -sum(float(logp[n - 1 + j, t]) for j, t in enumerate(tids)) / len(tids)
+
+
+@pytest.mark.parametrize("loss", ["last_position", "teacher_forced"])
+def test_ft_losses_score_the_target_tokens_as_named(loss, requests):
     model, tok = tiny_model("llama")
     ed = FTEditor(model, tok, load_hparams("ft", "smollm2-135m", overrides={**FAST, "layers": [1]}))
-    batch = requests[:3]
-    got = TeacherForcedBatch(tok, batch, "cpu").nll(model, ed.arch, [0, 1, 2])
+    # one single-token target and two multi-token ones (where the two losses differ)
+    batch = requests[:1] + [r for r in requests if len(target_ids(tok, r.target_new)) > 1][:2]
+    assert len(batch) == 3
+    got = TargetBatch(tok, batch, "cpu", loss).nll(model, ed.arch, [0, 1, 2])
     for i, req in enumerate(batch):
-        tids = target_ids(tok, req.target_new)
-        ids = tok(req.prompt.format(req.subject)).input_ids + tids
-        with torch.no_grad():
-            logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-        n = len(ids) - len(tids)
-        expected = -sum(float(logp[n - 1 + j, t]) for j, t in enumerate(tids)) / len(tids)
-        assert float(got[i].detach()) == pytest.approx(expected, rel=1e-4)
+        assert float(got[i].detach()) == pytest.approx(ft_nll(model, tok, req, loss), rel=1e-4)
+    with pytest.raises(ValueError, match="ft_loss"):
+        TargetBatch(tok, batch, "cpu", "first_token")
+
+
+@pytest.mark.parametrize("family", ["smollm2-135m", "gpt2-xl", "gpt-j-6b", "llama3-8b"])
+def test_ft_trains_the_reference_loss_by_default(family, requests, cache_dir):
+    """Every shipped FT config trains the reference's loss (all target tokens scored at the last
+    prompt position); the trace's target loss is that loss after training."""
+    assert load_hparams("ft", family).ft_loss == "last_position"
+    if family != "smollm2-135m":
+        return
+    ed = make_editor("ft", cache_dir, layers=[1], ft_lr=0.05, ft_steps=3)
+    batch = [r for r in requests if len(target_ids(ed.tokenizer, r.target_new)) > 1][:4]
+    rec = ed.apply_batch(batch)
+    expected = [ft_nll(ed.model, ed.tokenizer, r, "last_position") for r in batch]
+    assert rec["target_loss"] == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+    teacher = [ft_nll(ed.model, ed.tokenizer, r, "teacher_forced") for r in batch]
+    assert abs(sum(teacher) - sum(expected)) > 1e-3  # the record does say which loss was trained
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -133,7 +163,7 @@ def test_ft_learns_and_unconstrained_leaves_the_box(requests, cache_dir):
     ed = make_editor("ft", cache_dir, ft_layer=1, ft_lr=0.05, ft_steps=8, ft_norm_constraint=None)
     assert ed.layers == [1]  # ft_layer overrides the layers list
     with torch.no_grad():
-        before = TeacherForcedBatch(ed.tokenizer, requests[:4], "cpu").nll(ed.model, ed.arch, [0, 1, 2, 3])
+        before = TargetBatch(ed.tokenizer, requests[:4], "cpu").nll(ed.model, ed.arch, [0, 1, 2, 3])
     start = ed.weight(1).detach().clone()
     rec = ed.apply_batch(requests[:4])
     assert rec["target_loss"] < float(before.mean()) - 1.0
@@ -194,51 +224,82 @@ def amplify(ed, sigma_max=1.5):
     return ed
 
 
+def raw_weights(ed):
+    """The weights ``ed``'s edit stream continues from (PRUNE: the raw MEMIT weights)."""
+    ed.prepare()
+    return {layer: ed.restraint.raw.get(layer, ed.weight(layer)).detach().clone().to(F64) for layer in ed.layers}
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_prune_restrains_the_accumulated_update(arch, requests, cache_dir, monkeypatch):
-    get_calls = solve_layer_calls(monkeypatch, MEMITEditor)
+def test_prune_edits_as_memit_and_shows_the_restrained_accumulated_update(arch, requests, cache_dir):
+    """Official PRUNE: the edits are plain sequential MEMIT on the raw weights (the restraint
+    never feeds back into them) and the model shows ``W0 + restrained(W_raw - W0)``."""
     ed = amplify(make_editor("prune", cache_dir, arch, **LARGE))
+    memit = amplify(make_editor("memit", cache_dir, arch, **LARGE))
     W0 = weights(ed)
     bound = {layer: spectral_norm(W) for layer, W in W0.items()}
-    for b in range(2):
-        before = weights(ed)
-        n_calls = len(get_calls())
-        rec = ed.apply_batch(requests[4 * b:4 * b + 4])
-        after = weights(ed)
-        for layer, _W, _K, _R, raw in get_calls()[n_calls:]:
-            assert rec["layers"][str(layer)]["restrained"]
-            raw_total = before[layer] + raw - W0[layer]
+    for b in range(3):
+        batch = requests[4 * b:4 * b + 4]
+        rec = ed.apply_batch(batch)
+        memit.apply_batch(batch)
+        raw = raw_weights(ed)
+        for layer in ed.layers:
+            assert_close(raw[layer], weights(memit)[layer], rel=1e-5)  # the raw stream is MEMIT's
+            raw_total = raw[layer] - W0[layer]
             s_raw = torch.linalg.svdvals(raw_total)
             seen = rec["layers"][str(layer)]
             assert seen["update_sigma_max"] == pytest.approx(float(s_raw[0]), rel=1e-6)
             assert seen["compressed_singular_values"] == int((s_raw > bound[layer]).sum()) >= 1
-            s_new = torch.linalg.svdvals(after[layer] - W0[layer])
             assert s_raw[0] > 2 * bound[layer]  # the restraint is exercised, not only the identity
+            shown = ed.weight(layer).detach().to(F64)
+            s_new = torch.linalg.svdvals(shown - W0[layer])
             assert torch.allclose(s_new, restrained_singular_values(s_raw, bound[layer]), rtol=1e-4, atol=1e-5)
             assert bound[layer] < s_new[0] < s_raw[0]
-            assert s_new[0] <= bound[layer] + math.log(s_raw[0] / bound[layer]) + 1e-5
-            assert_close(after[layer], W0[layer] + prune_restrain(raw_total, bound[layer]))
+            assert_close(shown, W0[layer] + prune_restrain(raw_total, bound[layer]))
+            assert seen["restraint_change_norm"] == pytest.approx(float((shown - raw[layer]).norm()), rel=1e-4)
+            C0 = ed.C0[layer].to(F64)
+            assert seen["preservation_loss"] == pytest.approx(
+                float((((shown - W0[layer]) @ C0) * (shown - W0[layer])).sum()), rel=1e-6)
+            assert seen["raw_preservation_loss"] == pytest.approx(
+                float(((raw_total @ C0) * raw_total).sum()), rel=1e-6)
+            assert seen["raw_preservation_loss"] > seen["preservation_loss"]
 
 
-def test_prune_every_k_batches_leaves_raw_memit_in_between(requests, cache_dir, monkeypatch):
-    get_calls = solve_layer_calls(monkeypatch, MEMITEditor)
-    ed = amplify(make_editor("prune", cache_dir, prune_every=2, **LARGE))
+def test_prune_restraint_acts_once_the_update_passes_the_bound_and_not_before(requests, cache_dir):
+    """With a bound of 2 and moderate updates, layer 1's accumulated update stays below the
+    bound (the model is raw MEMIT, bit for bit) while layer 2's passes it after the second batch
+    (from then on the model differs from MEMIT by the restraint)."""
+    over = dict(mom2_update_weight=1000.0, clamp_norm_factor=4.0, v_weight_decay=0.0)
+    ed = amplify(make_editor("prune", cache_dir, **over), 2.0)
+    memit = amplify(make_editor("memit", cache_dir, **over), 2.0)
     W0 = weights(ed)
-    before = weights(ed)
-    rec = ed.apply_batch(requests[:4])
-    for layer, _W, _K, _R, raw in get_calls():
-        assert not rec["layers"][str(layer)]["restrained"]
-        assert "compressed_singular_values" not in rec["layers"][str(layer)]  # nothing was looked at
-        assert_close(ed.weight(layer).detach().to(F64), before[layer] + raw, rel=1e-6)
-    before = weights(ed)
-    n = len(get_calls())
-    rec = ed.apply_batch(requests[4:8])
-    for layer, _W, _K, _R, raw in get_calls()[n:]:
-        assert rec["layers"][str(layer)]["restrained"]
-        expected = W0[layer] + prune_restrain(before[layer] + raw - W0[layer], spectral_norm(W0[layer]))
-        assert_close(ed.weight(layer).detach().to(F64), expected)
-    with pytest.raises(ValueError, match="prune_every"):
-        make_editor("prune", cache_dir, prune_every=0).prepare()
+    seen_below = seen_above = 0
+    for b in range(3):
+        batch = requests[4 * b:4 * b + 4]
+        rec = ed.apply_batch(batch)
+        memit.apply_batch(batch)
+        for layer in ed.layers:
+            total = weights(memit)[layer] - W0[layer]
+            top = float(torch.linalg.svdvals(total)[0])
+            entry = rec["layers"][str(layer)]
+            if top <= 2.0:
+                seen_below += 1
+                assert torch.equal(ed.weight(layer), memit.weight(layer))
+                assert entry["compressed_singular_values"] == 0 and entry["restraint_change_norm"] == 0.0
+            else:
+                seen_above += 1
+                assert not torch.equal(ed.weight(layer), memit.weight(layer))
+                assert entry["compressed_singular_values"] >= 1 and entry["restraint_change_norm"] > 0
+                assert_close(weights(ed)[layer], W0[layer] + prune_restrain(total, 2.0), rel=1e-5)
+            assert_close(raw_weights(ed)[layer], weights(memit)[layer], rel=1e-5)
+        if b == 0:
+            assert rec["layers"]["2"]["compressed_singular_values"] == 0  # not yet
+        else:
+            assert rec["layers"]["2"]["compressed_singular_values"] >= 1
+            assert rec["layers"]["1"]["compressed_singular_values"] == 0
+    assert seen_below >= 3 and seen_above >= 2
+    with pytest.raises(ValueError, match="unknown hparams keys"):
+        make_editor("prune", cache_dir, prune_every=2)  # gone: the restraint never feeds back
 
 
 # ---------------------------------------------------------------------------------------- RECT
@@ -419,19 +480,21 @@ def test_lyaplock_alphaedit_leaves_generic_keys_untouched(requests, cache_dir):
     assert all(q.started for q in ed.queues.values())
 
 
-def test_lyaplock_prune_restrains_and_feeds_the_queue(requests, cache_dir, monkeypatch):
+def test_lyaplock_prune_edits_raw_and_shows_the_restrained_update(requests, cache_dir, monkeypatch):
     import harness.editors.lyaplock as lyaplock
 
     calls = spy(monkeypatch, lyaplock, "lyaplock_delta")
     ed = amplify(make_editor("lyaplock", cache_dir, base="prune", alpha=2.0, **LARGE))
     W0 = weights(ed)
     for b in range(2):
-        before = weights(ed)
+        before = raw_weights(ed)
         n = len(calls)
         rec = ed.apply_batch(requests[4 * b:4 * b + 4])
-        for layer, (_, _, raw) in zip(ed.layers, calls[n:]):
+        for layer, (args, _, raw) in zip(ed.layers, calls[n:]):
+            assert_close(args[2].to(F64), before[layer], rel=1e-6)  # LyapLock solved on the raw weight
             bound = spectral_norm(W0[layer])
             raw_total = before[layer] + raw.to(F64) - W0[layer]
+            assert_close(raw_weights(ed)[layer] - W0[layer], raw_total, rel=1e-5)
             s_raw = torch.linalg.svdvals(raw_total)
             assert s_raw[0] > 2 * bound
             seen = rec["layers"][str(layer)]  # the trace says what the restraint did, beside the queue
@@ -439,10 +502,13 @@ def test_lyaplock_prune_restrains_and_feeds_the_queue(requests, cache_dir, monke
             assert seen["compressed_singular_values"] == int((s_raw > bound).sum())
             after = ed.weight(layer).detach().to(F64)
             assert_close(after, W0[layer] + prune_restrain(raw_total, bound))
-            # the queue saw the distortion of the restrained weight
-            D = float((((after - W0[layer]) @ ed.C0[layer].to(F64)) * (after - W0[layer])).sum())
-            assert ed.queues[layer].last_D == pytest.approx(D, rel=1e-6)
-            assert rec["layers"][str(layer)]["preservation_loss"] == pytest.approx(D, rel=1e-6)
+            C0 = ed.C0[layer].to(F64)
+            # the queue saw the distortion of the raw weight the stream continues from
+            D_raw = float(((raw_total @ C0) * raw_total).sum())
+            assert ed.queues[layer].last_D == pytest.approx(D_raw, rel=1e-6)
+            assert seen["raw_preservation_loss"] == pytest.approx(D_raw, rel=1e-6)
+            D = float((((after - W0[layer]) @ C0) * (after - W0[layer])).sum())
+            assert seen["preservation_loss"] == pytest.approx(D, rel=1e-6)
 
 
 def test_lyaplock_rect_sparsifies_the_lyaplock_update(requests, cache_dir, monkeypatch):

@@ -257,12 +257,17 @@ def _metaspace_tokenizer(prepend_scheme: str):
                                    unk_token="<unk>")
 
 
-@pytest.mark.parametrize("family", ["gpt2-bpe", "metaspace-always", "metaspace-first"])
-def test_target_tokens_get_one_leading_space_as_the_reference(family):
+@pytest.mark.parametrize("family", ["gpt2-bpe", "metaspace-always", "metaspace-first", "gemma"])
+def test_target_tokens_get_one_leading_space_as_the_reference(family, request):
     from harness.editors.tokens import target_ids
 
     if family == "gpt2-bpe":  # SmolLM2's byte-level BPE, GPT-2 style ('Ġ' for a leading space)
         tok = tiny_model("llama")[1]
+    elif family == "gemma":  # SentencePiece BPE, no dummy prefix: 'Paris' and ' Paris' differ
+        tok = request.getfixturevalue("gemma_tokenizer")
+        assert tok("Paris").input_ids[0] == tok.bos_token_id
+        assert tok("Paris").input_ids[1:] != tok(" Paris").input_ids[1:]
+        assert [tok.decode([i]) for i in target_ids(tok, "New York")] == [" New", " York"]
     else:
         tok = _metaspace_tokenizer("always" if family == "metaspace-always" else "first")
     for target in ("Paris", "New York"):

@@ -6,7 +6,9 @@ residual still missing at the last layer divided by the number of layers left, t
 closed-form solve and the update written in place. After the last layer, each layer's update
 may be replaced by its final form (``finish_update``: RECT's sparsification, as the reference
 applies it after all layers were solved), then the preservation loss D_t of the weight finally
-written and the editor's per-layer bookkeeping (``after_layer``).
+written and the editor's per-layer bookkeeping (``after_layer``). An editor may keep editing on
+weights other than those the model shows between batches (``before_batch`` / ``present``: PRUNE
+edits on the raw MEMIT weights and shows them restrained).
 An editor subclass supplies ``solve_layer`` and whatever state it carries across batches.
 """
 
@@ -96,6 +98,7 @@ class Editor:
         self.prepare()
         phases = defaultdict(float)
         t_start = time.perf_counter()
+        self.before_batch()
         last = self.layers[-1]
         t0 = time.perf_counter()
         tv = compute_target_values(self.model, self.arch, self.tokenizer, requests, last, self.templates, self.hp)
@@ -129,6 +132,7 @@ class Editor:
         phases["solve"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         extra = self.after_batch(requests) or {}
+        self.present(layers_trace)
         phases["solve"] += time.perf_counter() - t0
         self.batches_done += 1
         self.edits_done += len(requests)
@@ -171,6 +175,14 @@ class Editor:
 
     def after_batch(self, requests) -> dict | None:
         return None
+
+    def before_batch(self) -> None:
+        """Put in place the weights the edit stream continues from, if the model shows others
+        between batches (PRUNE's raw weights)."""
+
+    def present(self, layers_trace: dict) -> None:
+        """Give the model the weights it shows until the next batch (PRUNE: the restrained
+        accumulated update), adding to ``layers_trace`` what that changed."""
 
     @property
     def name(self) -> str:

@@ -8,12 +8,19 @@ weight at the start of the batch (``ft_norm_constraint`` = eps, an L-infinity bo
 unconstrained). The box re-centres at every batch, as in the reference, so the total drift over a
 stream is not bounded.
 
-Loss: the mean over requests of the per-token NLL of ``" " + target_new`` after the bare prompt,
-teacher-forced (target token j is scored after target tokens < j). The reference instead scores
-every target token at the last prompt position, which for multi-token targets trains the model to
-put all of them first; we keep proper teacher forcing, the objective the evaluation measures. Only
-the weight is trained (the reference also trains the GPT-2/GPT-J projection bias): the weight is
-the state every editor saves and restores.
+Loss (``ft_loss``), the mean over requests of a per-token mean NLL of ``" " + target_new`` (its
+tokens as :func:`harness.editors.tokens.target_ids` gives them) after the bare prompt:
+
+* ``last_position`` (default, the reference's): every target token is scored at the last prompt
+  position, so a multi-token target trains the model to put each of its tokens first;
+* ``teacher_forced``: target token j is scored after the prompt and target tokens < j, the
+  likelihood CounterFact's efficacy and ZsRE's accuracy measure. It is the better-posed objective
+  for multi-token targets, but it is not what the published FT rows trained, so it is an option.
+
+The reference tokenizes the targets with the tokenizer's special tokens, which on Llama-3 puts a
+BOS among the scored tokens; we score only the target's own tokens. Only the weight is trained (the
+reference also trains the GPT-2/GPT-J projection bias): the weight is the state every editor saves
+and restores.
 
 The trained layer is ``ft_layer`` when set, otherwise the (single-entry, as in every shipped
 config) ``layers`` list; a longer list is trained jointly. Key statistics C0 are not needed for
@@ -36,21 +43,31 @@ from harness.editors.tokens import right_padded, target_ids
 LOSS_STOP = 1e-2  # the reference's "already learned" threshold
 
 
-class TeacherForcedBatch:
-    """A right-padded batch of ``prompt + target_new[:-1]`` and where each target token is scored."""
+LOSSES = ("last_position", "teacher_forced")
 
-    def __init__(self, tokenizer, requests, device):
+
+class TargetBatch:
+    """A right-padded batch of texts and, for each target token, the request and the position
+    whose next-token distribution scores it: ``loss="last_position"`` (the reference's) scores all
+    of them at the prompt's last token; ``"teacher_forced"`` runs ``prompt + target_new[:-1]`` and
+    scores target token j after the tokens before it."""
+
+    def __init__(self, tokenizer, requests, device, loss: str = "last_position"):
+        if loss not in LOSSES:
+            raise ValueError(f"ft_loss={loss!r} is not one of {list(LOSSES)}")
         texts, seq, pos, tok = [], [], [], []
         for r, req in enumerate(requests):
             tids = target_ids(tokenizer, req.target_new)
             if not tids:
                 raise ValueError(f"request {req.case_id}: target_new {req.target_new!r} has no tokens")
-            text = req.prompt.format(req.subject) + tokenizer.decode(tids[:-1])
+            text = req.prompt.format(req.subject)
+            if loss == "teacher_forced":
+                text += tokenizer.decode(tids[:-1])
             n = len(tokenizer(text).input_ids)
             texts.append(text)
             # logits at position p predict token p + 1
             seq += [r] * len(tids)
-            pos += range(n - len(tids), n)
+            pos += range(n - len(tids), n) if loss == "teacher_forced" else [n - 1] * len(tids)
             tok += tids
         self.ids, self.mask = right_padded(tokenizer, texts, device)
         self.seq = torch.tensor(seq, device=device)
@@ -102,6 +119,8 @@ class FTEditor(Editor):
             if not 0 <= int(hparams.ft_layer) < n:
                 raise ValueError(f"ft_layer={hparams.ft_layer} does not exist: the model has {n} layers")
             self.layers = [int(hparams.ft_layer)]
+        if hparams.ft_loss not in LOSSES:
+            raise ValueError(f"ft_loss={hparams.ft_loss!r} is not one of {list(LOSSES)}")
         if hparams.ft_norm_constraint is not None and hparams.ft_norm_constraint < 0:
             raise ValueError(f"ft_norm_constraint must be >= 0 or null (unconstrained), got {hparams.ft_norm_constraint}")
         self.templates = [["{}"]]  # FT trains on the bare prompts: no context templates to generate
@@ -112,7 +131,7 @@ class FTEditor(Editor):
         t_start = time.perf_counter()
         params = [edit_weight(self.model, self.arch, layer) for layer in self.layers]
         starts = [p.detach().clone() for p in params]
-        batch = TeacherForcedBatch(self.tokenizer, requests, self.device)
+        batch = TargetBatch(self.tokenizer, requests, self.device, hp.ft_loss)
         chunks = [list(range(s, min(s + hp.ft_batch_size, len(requests))))
                   for s in range(0, len(requests), hp.ft_batch_size)]
         opt = torch.optim.Adam(params, lr=hp.ft_lr, weight_decay=hp.ft_weight_decay)

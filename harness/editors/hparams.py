@@ -48,8 +48,6 @@ class EditHparams:
     queue_floor: str | float = "1sqrtD"
     base: str = "memit"  # LyapLock's per-layer solve: memit | prune | rect | alphaedit
     rect_keep_fraction: float = 0.4
-    # PRUNE restrains the accumulated update after every prune_every-th batch (1: after each)
-    prune_every: int = 1
     update_norm_lambda: float = 0.0
     lambda_reg: float = 0.0
     mu_reg: float = 1.0
@@ -59,6 +57,7 @@ class EditHparams:
     ft_weight_decay: float = 0.0
     ft_norm_constraint: float | None = 5e-4  # L-inf box half-width; null: unconstrained
     ft_layer: int | None = None  # FT's trained layer; None: the layers list
+    ft_loss: str = "last_position"  # the reference's; or teacher_forced (see editors/ft.py)
     description: str = ""
 
     @classmethod

@@ -13,9 +13,9 @@ q starts at 1 and exceeding the threshold by one fold doubles the preservation w
 LyapLock as an add-on (hparams ``base``, e.g. ``--model_args base=alphaedit``): the queue and the
 memory stay as above, the per-layer step changes.
 * ``memit``: the step above (the paper's method; editor name ``lyaplock``).
-* ``prune``: the step, then PRUNE's restraint of the accumulated update ``W' - W0`` (singular
-  values above sigma_max(W0) compressed logarithmically, on ``prune_every``'s schedule; see
-  :mod:`harness.editors.prune`).
+* ``prune``: the steps edit the raw weights as above (queue and memory see them); between
+  batches the model shows PRUNE's restraint of the accumulated update ``W' - W0`` (singular
+  values above sigma_max(W0) compressed logarithmically; see :mod:`harness.editors.prune`).
 * ``rect``: the step's update sparsified as RECT does (top ``rect_keep_fraction`` entries by
   relative change, once every layer of the batch was solved densely; :mod:`harness.editors.rect`).
 * ``alphaedit``: the step restricted to AlphaEdit's null space of the generic keys: minimise the
@@ -23,8 +23,9 @@ memory stay as above, the per-layer step changes.
   gives ``Delta = left P (A P + l2 I)^-1`` with LyapLock's normal equations ``Delta A = left``
   (derivation in :func:`harness.editors.solvers.lyaplock_nullspace_delta`). The update leaves
   every generic-key direction (range of ``I - P``) untouched, as AlphaEdit's does.
-In every case the preservation loss, the queue and the memory of stored values see the weight
-actually written, and the editor is named ``lyaplock-<base>`` (traces and run directories tell
+For ``rect`` and ``alphaedit`` the preservation loss, the queue and the memory of stored values
+see the weight actually written (for ``prune``, the raw weight the stream continues from; the
+trace gives both preservation losses), and the editor is named ``lyaplock-<base>`` (traces and run directories tell
 them apart).
 """
 
@@ -57,7 +58,7 @@ class LyapLockEditor(Editor):
     def prepare_state(self):
         hp = self.hp
         if hp.base == "prune":
-            self.restraint = PruneRestraint(self.W0, hp.prune_every)
+            self.restraint = PruneRestraint(self)
         if hp.base == "alphaedit":
             self.projectors = {layer: nullspace_projector(self.C0[layer], hp.nullspace_threshold)
                                for layer in self.layers}
@@ -76,10 +77,7 @@ class LyapLockEditor(Editor):
         memo = dict(V=queue.edit_weight, S_VK=memory.S_VK, S_KK=memory.S_KK)
         if hp.base == "alphaedit":
             return lyaplock_nullspace_delta(*args, P=self.projectors[layer], l2=hp.l2, **memo)
-        delta = lyaplock_delta(*args, **memo)
-        if hp.base == "prune" and self.restraint.due(self.batches_done):
-            delta = self.restraint.restrained_update(layer, W, delta)
-        return delta
+        return lyaplock_delta(*args, **memo)
 
     def finish_update(self, layer, W, delta):
         if self.hp.base == "rect":  # after every layer was solved densely, as RECT
@@ -93,9 +91,15 @@ class LyapLockEditor(Editor):
         self.memory[layer].add(K, W_new)
         out = {"threshold": queue.threshold, "queue": queue.Z, "q": q_used, "q_next": queue.q,
                "D_base": queue.D_base}
-        if self.hp.base == "prune":
-            out.update(self.restraint.trace(layer, self.batches_done))
         return out
+
+    def before_batch(self):
+        if self.hp.base == "prune":
+            self.restraint.edit_on_raw()
+
+    def present(self, layers_trace):
+        if self.hp.base == "prune":
+            self.restraint.show_restrained(layers_trace)
 
     def after_batch(self, requests):
         if self.hp.base == "alphaedit":
@@ -104,10 +108,16 @@ class LyapLockEditor(Editor):
         return None
 
     def extra_state(self):
-        return {str(layer): {"queue": self.queues[layer].state_dict(), "memory": self.memory[layer].state_dict()}
-                for layer in self.layers}
+        state = {str(layer): {"queue": self.queues[layer].state_dict(), "memory": self.memory[layer].state_dict()}
+                 for layer in self.layers}
+        if self.hp.base == "prune":
+            state["prune_raw_weights"] = self.restraint.state_dict()
+        return state
 
     def load_extra_state(self, state):
+        state = dict(state)
+        if self.hp.base == "prune":
+            self.restraint.load_state_dict(state.pop("prune_raw_weights", {}))
         for layer, s in state.items():
             self.queues[int(layer)].load_state_dict(s["queue"])
             self.memory[int(layer)].load_state_dict(s["memory"])

@@ -1,23 +1,28 @@
-"""PRUNE (Ma et al., 2024): MEMIT whose accumulated update has its large singular values restrained.
+"""PRUNE (Ma et al., 2024): sequential MEMIT whose accumulated update is shown restrained.
 
-The update accumulated so far, ``W - W0 = U diag(s) V^T``, is rebuilt with every singular value
-``s > sigma_max(W0)`` replaced by ``ln(s) - ln(sigma_max(W0)) + sigma_max(W0)`` and the layer set
-to ``W0 + restrained`` (the official PRUNE rule; the LL/AE baseline adds the restrained update to
-the already edited weight instead, reference notes 1.4). The rule compresses only where
-``sigma_max(W0) >= 1`` (its slope beyond the bound is ``1/s``), which holds for the LLM weights
-it is meant for; on weights with a smaller spectral norm it would enlarge large singular values.
+The official PRUNE keeps editing with plain MEMIT and restrains the accumulated update when the
+edited model is used: with ``W_raw - W0 = U diag(s) V^T`` the weight becomes
+``W0 + U diag(r(s)) V^T`` where ``r(s) = ln(s) - ln(sigma_max(W0)) + sigma_max(W0)`` for every
+``s > sigma_max(W0)`` and ``r(s) = s`` otherwise (reference notes 1.4). So here:
 
-When (``prune_every``): the reference restrains once, after the last batch, so its intermediate
-evaluations see raw MEMIT. A sequential harness evaluated every N edits does not know which batch
-is the last, so by default (``prune_every: 1``) the restraint follows every batch and every
-evaluation sees a restrained model; later batches are then edited on the restrained weights.
-``prune_every: k`` restrains after every k-th batch only; k = (number of edits / batch size)
-reproduces the reference's single restraint, with raw MEMIT at the checkpoints before it.
+* the edits run on the raw weights ``W_raw`` (before each batch they are put back in place), so
+  the raw trajectory is exactly sequential MEMIT's;
+* after each batch the model is given ``W0 + restrained(W_raw - W0)``; every evaluation therefore
+  sees what the official code would load at that point of the stream. While no singular value of
+  the accumulated update exceeds ``sigma_max(W0)`` the restraint is the identity and the raw
+  weight is left in place untouched;
+* the raw weights are part of the editor's state, so a resumed run continues the same stream.
 
-Where: right after each layer's MEMIT update, inside the shared layer loop, so the residual left
-for the later layers of the batch accounts for what the restraint removed, and the logged
-preservation loss D_t is that of the weight the model really has. (The reference restrains after
-all layers were solved.) The same restraint is LyapLock's ``base: prune`` add-on.
+The LL/AE baseline (``MEMIT_prune``) restrains once, after the last batch, and writes
+``W_raw + restrained`` instead of ``W0 + restrained``, which adds the accumulated update a second
+time; it is a bug (reference notes 1.4) and is not offered here.
+
+The rule compresses only where ``sigma_max(W0) >= 1`` (its slope beyond the bound is ``1/s``),
+which holds for the LLM weights it is meant for; on weights with a smaller spectral norm it would
+enlarge large singular values.
+
+The same restraint is LyapLock's ``base: prune`` add-on: LyapLock edits (queue, memory) on the raw
+weights, and the model shows them restrained.
 """
 
 from __future__ import annotations
@@ -25,54 +30,70 @@ from __future__ import annotations
 import torch
 
 from harness.editors.memit import MEMITEditor
-from harness.editors.solvers import prune_restrain_with_spectrum, spectral_norm
+from harness.editors.solvers import preservation_loss, prune_restrain_with_spectrum, spectral_norm
 
 
 class PruneRestraint:
-    """The restraint of one editor: the bound ``sigma_max(W0)`` per layer and its schedule."""
+    """One editor's restraint: the bound ``sigma_max(W0)`` per layer and the raw edited weights
+    while the model shows restrained ones."""
 
-    def __init__(self, W0: dict[int, torch.Tensor], every: int = 1):
-        if int(every) < 1:
-            raise ValueError(f"prune_every must be >= 1 (restrain after every k-th batch), got {every}")
-        self.every = int(every)
-        self.W0 = W0
-        self.sigma_max = {layer: spectral_norm(W) for layer, W in W0.items()}
-        self.seen: dict[int, dict] = {}  # per layer, what the latest restraint saw (for the trace)
+    def __init__(self, editor):
+        self.editor = editor
+        self.sigma_max = {layer: spectral_norm(W) for layer, W in editor.W0.items()}
+        self.raw: dict[int, torch.Tensor] = {}  # only for layers whose shown weight differs
 
-    def due(self, batch_index: int) -> bool:
-        """Whether the batch with this 0-based index ends with a restraint."""
-        return (batch_index + 1) % self.every == 0
+    def edit_on_raw(self) -> None:
+        """Put the raw weights back, so the next batch continues the unrestrained MEMIT stream."""
+        for layer, W_raw in self.raw.items():
+            self.editor.set_weight(layer, W_raw)
+        self.raw = {}
 
-    def restrained_update(self, layer: int, W: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """The update that takes ``W`` to ``W0 + restrained(W + delta - W0)`` (``delta``'s dtype)."""
-        W0 = self.W0[layer].to(torch.float64)
-        W64 = W.to(torch.float64)
-        total = W64 + delta.to(torch.float64) - W0
-        restrained, top, n_big = prune_restrain_with_spectrum(total, self.sigma_max[layer])
-        self.seen[layer] = {"update_sigma_max": top, "compressed_singular_values": n_big}
-        return (W0 + restrained - W64).to(delta.dtype)
+    @torch.no_grad()
+    def show_restrained(self, layers_trace: dict) -> None:
+        """Replace each raw edited weight by ``W0 + restrained(W_raw - W0)`` and say in the
+        layer's trace what the restraint saw and did (``preservation_loss``: of the shown weight;
+        ``raw_preservation_loss``: of the raw weight the edits continue from)."""
+        ed = self.editor
+        for layer in ed.layers:
+            W_raw = ed.weight(layer).detach().clone()
+            W0 = ed.W0[layer].to(torch.float64)
+            restrained, top, n_big = prune_restrain_with_spectrum(
+                W_raw.to(torch.float64) - W0, self.sigma_max[layer])
+            entry = layers_trace.setdefault(str(layer), {})
+            entry.update({"sigma_max_W0": self.sigma_max[layer], "update_sigma_max": top,
+                          "compressed_singular_values": n_big, "restraint_change_norm": 0.0})
+            if n_big == 0:
+                continue
+            shown = W0 + restrained
+            ed.set_weight(layer, shown)
+            self.raw[layer] = W_raw
+            entry["restraint_change_norm"] = float((shown - W_raw.to(torch.float64)).norm())
+            if "preservation_loss" in entry:
+                entry["raw_preservation_loss"] = entry["preservation_loss"]
+                entry["preservation_loss"] = preservation_loss(ed.weight(layer), ed.W0[layer], ed.C0[layer])
 
-    def trace(self, layer: int, batch_index: int) -> dict:
-        """Per-layer trace fields: whether this batch ended with a restraint, the bound, and (when
-        it did) the accumulated update's largest singular value and how many were compressed."""
-        due = self.due(batch_index)
-        out = {"restrained": due, "sigma_max_W0": self.sigma_max[layer]}
-        if due and layer in self.seen:
-            out.update(self.seen[layer])
-        return out
+    def state_dict(self) -> dict:
+        return {str(layer): W.detach().cpu().clone() for layer, W in self.raw.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.raw = {int(layer): W.to(self.editor.device, self.editor.weight(int(layer)).dtype)
+                    for layer, W in state.items()}
 
 
 class PRUNEEditor(MEMITEditor):
     method = "prune"
 
     def prepare_state(self):
-        self.restraint = PruneRestraint(self.W0, self.hp.prune_every)
+        self.restraint = PruneRestraint(self)
 
-    def solve_layer(self, i, layer, W, K, R, requests):
-        delta = super().solve_layer(i, layer, W, K, R, requests)
-        if self.restraint.due(self.batches_done):
-            delta = self.restraint.restrained_update(layer, W, delta)
-        return delta
+    def before_batch(self):
+        self.restraint.edit_on_raw()
 
-    def after_layer(self, i, layer, W_new, K, preservation_loss_value):
-        return self.restraint.trace(layer, self.batches_done)
+    def present(self, layers_trace):
+        self.restraint.show_restrained(layers_trace)
+
+    def extra_state(self):
+        return {"raw_weights": self.restraint.state_dict()}
+
+    def load_extra_state(self, state):
+        self.restraint.load_state_dict(state.get("raw_weights", {}))

@@ -24,11 +24,14 @@ Where the numbers can differ from the reference code, on purpose or by necessity
 
 * fluency: without nltk's punkt data (not installable offline) words come from nltk's
   NLTKWordTokenizer on the whole text, without sentence splitting (``word_tokenizer_name``
-  says which ran); sampling stops at the end-of-text token, which lm-eval always adds as a stop
-  sequence, where the reference sampler kept going and deleted the marker afterwards.
-* ZsRE: a teacher-forcing step whose context ends in whitespace is read from a one-token
-  greedy generation (see ``TokenStep``); the reference's Llama branch, which inserts an extra
-  space before the decoded prefix, is not reproduced: the prefix is the target's own text.
+  says which ran).
+* ZsRE: the answer's tokens are those it has after the question (the reference tokenizes
+  it alone, which gives the same tokens for SmolLM2's and Gemma's tokenizers on every bundled
+  record); a teacher-forcing step whose context ends in whitespace is read from a greedy
+  generation (see ``TokenStep``); the tokens of one character split over byte-level tokens are
+  one step, each of them counted as correct when all are the argmax; the reference's Llama
+  branch, which inserts an extra space before the decoded prefix, is not reproduced: the prefix
+  is the target's own text.
 * consistency: a text without any vocabulary word scores 0 (the reference divides 0 by 0), and
   a record without attribute snippets is left out of the mean (the reference stops).
 
@@ -154,16 +157,19 @@ def comparison_metrics(name: str, comparisons: Sequence[PromptComparison]) -> di
 @dataclass(frozen=True)
 class TokenStep:
     """Teacher forcing step i: the prompt followed by the target's first i tokens, and the
-    text of token i that should be the argmax there."""
+    text of token i that should be the argmax there. When a character is split over several
+    byte-level tokens (``n_tokens`` > 1) no text ends between them, so those tokens are one
+    step whose text is the whole character: correct when each of them is the argmax."""
 
     context: str
     token: str
+    n_tokens: int = 1
 
     @property
     def context_ends_in_whitespace(self) -> bool:
         # lm-eval would move that whitespace into the continuation and then require the
-        # whitespace token to be greedy too; such steps are scored by a one-token greedy
-        # generation instead, which reads the argmax right after the context as is
+        # whitespace token to be greedy too; such steps are scored by a greedy generation
+        # instead, which reads the argmax right after the context as is
         return self.context != self.context.rstrip()
 
 
@@ -177,20 +183,29 @@ def _prefix_text(tokenizer, ids: list[int], continuation: str) -> str:
 
 def teacher_forced_steps(tokenizer, prompt: str, target: str) -> list[TokenStep]:
     """The reference builds, for each token i of ``" " + target``, the prompt
-    ``question + decode(target_tokens[:i])`` and checks the argmax against token i."""
+    ``question + decode(target_tokens[:i])`` and checks the argmax against token i. The tokens
+    are those of the target as it is tokenized after the question (what lm-eval scores), and
+    a step ends only where the decoded tokens are a prefix of the target's text: the pieces of a
+    character split over byte-level tokens (a partial character decodes to U+FFFD, which the
+    reference then re-encodes as other tokens) are scored together."""
     continuation = " " + target
     ids = continuation_token_ids(tokenizer, prompt, continuation)
     prefixes = [_prefix_text(tokenizer, ids[:i], continuation) for i in range(len(ids) + 1)]
-    steps = []
-    for i, token_id in enumerate(ids):
-        here, after = prefixes[i], prefixes[i + 1]
-        token = after[len(here):] if after.startswith(here) else ""
-        if not token:  # a partial multi-byte character decodes to no clean suffix
-            token = tokenizer.decode([token_id])
-        if token:
-            steps.append(TokenStep(prompt + here, token))
+    clean = [i for i in range(1, len(ids) + 1) if continuation.startswith(prefixes[i])]
+    if not clean or clean[-1] != len(ids):
+        # the decoded tokens never give the target's text back (a normalising tokenizer):
+        # what follows the last clean prefix is one step
+        log.warning("target %r does not decode back from its tokens; its tail is one step", target)
+        clean.append(len(ids))
+    steps, start = [], 0
+    for end in clean:
+        here = prefixes[start]
+        text = (prefixes[end] if continuation.startswith(prefixes[end]) else continuation)[len(here):]
+        if text:
+            steps.append(TokenStep(prompt + here, text, end - start))
         else:
-            log.warning("target token %d of %r decodes to no text; not scored", i, target)
+            log.warning("target tokens %d-%d of %r decode to no text; not scored", start, end - 1, target)
+        start = end
     return steps
 
 

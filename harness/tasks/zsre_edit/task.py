@@ -6,7 +6,9 @@ loglikelihood request whose continuation is token i (correct = lm-eval's ``is_gr
 When the context ends in whitespace (e.g. the lone space token before a number, " 1998" ->
 " ", "1", "9", "9", "8"), lm-eval would move that whitespace into the continuation and also
 demand that the space be greedy; such a step is a one-token greedy generation from the
-context as it is instead, correct when it produces token i.
+context as it is instead, correct when it produces token i. The byte-level pieces of one
+character are one step (one request over all of them, greedy when each is the argmax), which
+counts once per token, so the accuracy stays per token of the answer.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from harness.tasks.edit_metrics import (
     token_accuracy,
 )
 
-# the argmax right after the context: one greedy token, no stop sequence but end-of-text
+# the argmax right after the context: greedy tokens, no stop sequence but end-of-text
 ARGMAX_GENERATION = {"until": [], "max_gen_toks": 1, "do_sample": False, "temperature": 0.0}
 
 
@@ -41,15 +43,17 @@ def step_plan(tokenizer, request: EditRequest) -> list[tuple[str, str, str, list
 
 def step_request(step: TokenStep) -> tuple[str, tuple]:
     if step.context_ends_in_whitespace:
-        return "generate_until", (step.context, dict(ARGMAX_GENERATION))
+        return "generate_until", (step.context, {**ARGMAX_GENERATION, "max_gen_toks": step.n_tokens})
     return "loglikelihood", (step.context, step.token)
 
 
-def step_correct(step: TokenStep, result) -> bool:
+def step_correct(step: TokenStep, result) -> list[bool]:
+    """One flag per answer token the step covers."""
     if step.context_ends_in_whitespace:
-        return result == step.token
-    _, greedy = result
-    return bool(greedy)
+        correct = result == step.token
+    else:
+        correct = bool(result[1])
+    return [correct] * step.n_tokens
 
 
 class ZsREScoresTask(EditTask):
@@ -69,11 +73,11 @@ class ZsREScoresTask(EditTask):
         scores: dict[str, list[dict]] = {}
         for metric, prompt, target, steps in step_plan(self.tokenizer, request_from_doc(doc)):
             flags = [step_correct(step, next(outcomes)) for step in steps]
-            correct.setdefault(metric, []).extend(flags)
+            correct.setdefault(metric, []).extend(f for step_flags in flags for f in step_flags)
             scores.setdefault(metric, []).append({
                 "prompt": prompt,
                 "target": target,
-                "steps": [{"context": s.context, "token": s.token, "correct": f}
+                "steps": [{"context": s.context, "token": s.token, "tokens": s.n_tokens, "correct": f[0]}
                           for s, f in zip(steps, flags)],
             })
         metrics = {metric: token_accuracy(flags) for metric, flags in correct.items() if flags}
