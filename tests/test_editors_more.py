@@ -480,6 +480,24 @@ def test_lyaplock_alphaedit_leaves_generic_keys_untouched(requests, cache_dir):
     assert all(q.started for q in ed.queues.values())
 
 
+@pytest.mark.parametrize("threshold", [2e-2, "median"])
+def test_alphaedit_trace_reports_the_null_space_dimension_per_layer(threshold, requests, cache_dir):
+    """The threshold is absolute, on C0's eigenvalues (2e-2 by default, as the reference); every
+    batch's trace says how many dimensions each layer's null space kept."""
+    ed = make_editor("alphaedit", cache_dir)
+    ed.prepare()
+    if threshold == "median":
+        eig = torch.linalg.eigvalsh(ed.C0[1].to(F64))
+        threshold = float(eig.median())
+        ed = make_editor("alphaedit", cache_dir, nullspace_threshold=threshold)
+    rec = ed.apply_batch(requests[:2])
+    for layer in ed.layers:
+        eig = torch.linalg.eigvalsh(ed.C0[layer].to(F64))
+        assert rec["nullspace_dim"][str(layer)] == int((eig < threshold).sum())
+    if threshold != 2e-2:
+        assert 0 < rec["nullspace_dim"]["1"] < ed.C0[1].shape[0]
+
+
 def test_lyaplock_prune_edits_raw_and_shows_the_restrained_update(requests, cache_dir, monkeypatch):
     import harness.editors.lyaplock as lyaplock
 

@@ -1,6 +1,8 @@
 """Editing engine on tiny models: target values, keys, statistics, editors, wrappers, state."""
 
 import copy
+import json
+import random
 
 import pytest
 import torch
@@ -114,9 +116,85 @@ def test_second_moment_is_the_token_mean_of_k_kT_and_cached(tmp_path):
     assert torch.allclose(many[0], exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item())
     first = load_or_compute_second_moments(model, arch, tok, [1], "bundled", 20, 32, tmp_path, progress=False)
     files = list(tmp_path.rglob("*.pt"))
-    assert len(files) == 1 and "layer1_n20_t32" in files[0].name
+    assert len(files) == 1 and "layer1_n20_t32_tok" in files[0].name
     again = load_or_compute_second_moments(model, arch, tok, [1], "bundled", 20, 32, tmp_path, progress=False)
     assert torch.equal(first[1], again[1])
+
+
+def test_statistics_sample_is_uniform_seeded_and_keyed_by_what_it_depends_on(tmp_path, monkeypatch):
+    """The corpus sample is a seeded uniform draw without replacement from the whole corpus
+    (Wikipedia too: never the head of a shuffle buffer); the cache key changes with the corpus's
+    content (same name and size), the number of texts, the token budget and the tokenizer."""
+    import datasets
+
+    import harness.editors.stats as stats
+
+    rows = [f"text number {i} " + "word " * (i % 7) for i in range(30_000)]
+    calls = []
+
+    def fake_load_dataset(name, config, split, streaming=False):
+        calls.append((name, config, split, streaming))
+        return datasets.Dataset.from_dict({"text": rows})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    sample = stats.corpus_texts("wikipedia", 500)
+    assert calls == [("wikimedia/wikipedia", "20231101.en", "train", False)]
+    expected = sorted(random.Random(1).sample(range(len(rows)), 500))
+    assert sample.texts == [rows[i] for i in expected]
+    assert max(expected) > 25_000 and min(expected) < 5_000  # spread over the whole corpus
+    assert stats.corpus_texts("wikipedia", 500).texts == sample.texts
+    assert len(set(sample.texts)) == 500
+    assert sample.corpus_id.startswith("wikimedia/wikipedia-20231101.en-")
+
+    # a file corpus: the same seeded draw, identity by content
+    a, b = tmp_path / "a" / "corpus.jsonl", tmp_path / "b" / "corpus.jsonl"
+    for path, word in ((a, "alpha"), (b, "gamma")):  # same name, same size, other content
+        path.parent.mkdir()
+        path.write_text("".join(json.dumps({"text": f"{word} {i:04d} is a text."}) + "\n" for i in range(50)))
+    assert a.stat().st_size == b.stat().st_size
+    sa, sb = stats.corpus_texts(str(a), 10), stats.corpus_texts(str(b), 10)
+    assert sa.texts == [f"alpha {i:04d} is a text." for i in sorted(random.Random(1).sample(range(50), 10))]
+    assert sa.corpus_id != sb.corpus_id
+
+    model, tok = tiny_model("gpt2")
+    arch = architecture_for(model)
+    cache = tmp_path / "cache"
+
+    def files():
+        return sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*.pt"))
+
+    load_or_compute_second_moments(model, arch, tok, [1], str(a), 10, 32, cache, progress=False)
+    load_or_compute_second_moments(model, arch, tok, [1], str(b), 10, 32, cache, progress=False)
+    assert len(files()) == 2  # same file name and size, other content: other statistics
+    load_or_compute_second_moments(model, arch, tok, [1], str(a), 20, 32, cache, progress=False)
+    load_or_compute_second_moments(model, arch, tok, [1], str(a), 10, 16, cache, progress=False)
+    assert len(files()) == 4
+    other_tok = copy.deepcopy(tok)
+    other_tok.add_tokens(["alpha"])  # another vocabulary
+    load_or_compute_second_moments(model, arch, other_tok, [1], str(a), 10, 32, cache, progress=False)
+    assert len(files()) == 5
+    saved = torch.load(next(cache.rglob("*n20_t32*.pt")), weights_only=True)
+    assert saved["n_texts"] == 20 and saved["max_tokens"] == 32 and saved["seed"] == 1
+    assert saved["tokenizer"] == stats.tokenizer_fingerprint(tok) != stats.tokenizer_fingerprint(other_tok)
+
+
+def test_statistics_texts_are_truncated_at_the_model_context_by_default(tmp_path):
+    """``stats_max_tokens: null`` (every shipped config): each text is cut at the model's context
+    length (the reference's choice), not at a fixed budget."""
+    from harness.editors.hparams import load_hparams
+    from harness.editors.stats import model_context_length
+
+    for family in ("smollm2-135m", "gpt2-xl", "gpt-j-6b", "llama3-8b"):
+        assert load_hparams("memit", family).stats_max_tokens is None
+    model, tok = tiny_model("gpt2")
+    n_ctx = model_context_length(model)
+    assert n_ctx == model.config.n_positions
+    corpus = tmp_path / "long.jsonl"
+    corpus.write_text(json.dumps({"text": "word " * (3 * n_ctx)}) + "\n")
+    arch = architecture_for(model)
+    load_or_compute_second_moments(model, arch, tok, [1], str(corpus), 5, None, tmp_path, progress=False)
+    saved = torch.load(next(tmp_path.rglob("*.pt")), weights_only=True)
+    assert saved["max_tokens"] == n_ctx and saved["tokens"] == n_ctx
 
 
 @pytest.mark.parametrize("method", ["memit", "alphaedit", "lyaplock"])

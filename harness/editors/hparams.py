@@ -36,7 +36,7 @@ class EditHparams:
     mom2_update_weight: float = 15000.0
     stats_corpus: str = "bundled"
     stats_samples: int = 1000
-    stats_max_tokens: int = 256
+    stats_max_tokens: int | None = 256  # tokens per text; null: the model's context length
     # method-specific knobs (documented in each editor)
     nullspace_threshold: float = 2e-2
     l2: float = 10.0

@@ -3,14 +3,23 @@
 One pass over the corpus serves every edit layer (hooks on all of them, the forward pass stops
 after the highest) and every method: for a bias-free projection V0 = W0 K0, so LyapLock's
 V0K0^T = W0 C0 and tr(V0V0^T) = tr(W0 C0 W0^T) follow from C0. Summed over the corpus in float64
-(each batch's Gram matrix in float32, at most ``batch_tokens`` terms per entry), cached on
-disk under a key of model fingerprint, layer, corpus, sample count and truncation length, written
+(each batch's Gram matrix in float32, at most ``batch_tokens`` terms per entry), written
 atomically, with a progress bar.
+
+The sample, as the reference's ``layer_stats``: ``stats_samples`` texts drawn uniformly without
+replacement with a fixed seed (1) from the whole corpus, each truncated to ``stats_max_tokens``
+tokens (null: the model's context length, as the reference, e.g. 8192 for Llama-3), every
+non-pad token counted. The disk cache key holds everything the result depends on: the model's
+weights (fingerprint), the layer, the corpus's content (sha256 of the file, or the datasets
+fingerprint of the Hub dataset), the number of texts, the token budget per text, the tokenizer
+(hash of its vocabulary and rules) and the seed.
 
 Corpora (``stats_corpus``): ``bundled`` (2,000 Wikipedia summaries shipped in the package),
 a path to a .jsonl/.jsonl.gz/.txt file (one text per record, field ``text``) - e.g.
 ``../shared/data/text/wikipedia_vital_summaries_en.jsonl.gz`` - or ``wikipedia`` (Hugging Face
-``wikimedia/wikipedia`` 20231101.en, needs the network, as the papers).
+``wikimedia/wikipedia`` 20231101.en downloaded whole, about 20 GB, and sampled uniformly, as the
+papers). ``wikipedia:stream`` streams it instead and takes the first ``stats_samples`` texts of
+a shuffle buffer of 10,000 (seeded): no download, but not a uniform sample of Wikipedia.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import json
 import logging
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,25 +43,38 @@ from harness.editors.hooks import capture, run_until
 log = logging.getLogger(__name__)
 
 BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus" / "wikipedia_summaries_2000.jsonl.gz"
+SAMPLE_SEED = 1  # the reference's random_sample=1
+WIKIPEDIA = ("wikimedia/wikipedia", "20231101.en")
+STREAM_BUFFER = 10_000
 
 
-def corpus_texts(corpus: str, n_samples: int, seed: int = 1) -> tuple[list[str], str]:
-    """(texts, corpus id for the cache key)."""
+@dataclass
+class CorpusSample:
+    texts: list[str]
+    corpus_id: str  # the corpus's identity: name and content hash
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def corpus_texts(corpus: str, n_samples: int, seed: int = SAMPLE_SEED) -> CorpusSample:
+    """``n_samples`` texts drawn uniformly without replacement (seeded) from the corpus (all of
+    them when it has fewer), and the corpus's identity for the cache key."""
+    if corpus in ("wikipedia", "wikipedia:stream"):
+        return _wikipedia_texts(n_samples, seed, stream=corpus.endswith(":stream"))
     if corpus in ("bundled", "", None):
         path = BUNDLED_CORPUS
-    elif corpus == "wikipedia":
-        from datasets import load_dataset
-
-        ds = load_dataset("wikimedia/wikipedia", "20231101.en", split="train", streaming=True)
-        ds = ds.shuffle(seed=seed, buffer_size=10_000)
-        texts = [row["text"] for _, row in zip(range(n_samples), ds)]
-        return texts, "wikimedia-wikipedia-20231101.en"
     else:
         path = Path(corpus).expanduser()
         if not path.exists():
             raise FileNotFoundError(
-                f"stats_corpus={corpus!r}: no such file; use 'bundled', 'wikipedia' (network) or a "
-                ".jsonl/.jsonl.gz/.txt path"
+                f"stats_corpus={corpus!r}: no such file; use 'bundled', 'wikipedia' (network), "
+                "'wikipedia:stream' (network) or a .jsonl/.jsonl.gz/.txt path"
             )
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as fh:
@@ -59,12 +82,55 @@ def corpus_texts(corpus: str, n_samples: int, seed: int = 1) -> tuple[list[str],
             texts = [json.loads(line)["text"] for line in fh if line.strip()]
         else:
             texts = [t for t in fh.read().split("\n\n") if t.strip()]
-    st = path.stat()
-    corpus_id = f"{path.name}-{st.st_size}"
     if n_samples < len(texts):
-        # a seeded sample, as the reference samples its Wikipedia texts
-        texts = random.Random(seed).sample(texts, n_samples)
-    return texts, corpus_id
+        texts = [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), n_samples))]
+    return CorpusSample(texts, f"{path.name}-sha256-{_file_sha256(path)[:16]}")
+
+
+def _wikipedia_texts(n_samples: int, seed: int, stream: bool) -> CorpusSample:
+    from datasets import load_dataset
+
+    name, config = WIKIPEDIA
+    if stream:
+        ds = load_dataset(name, config, split="train", streaming=True)
+        ds = ds.shuffle(seed=seed, buffer_size=STREAM_BUFFER)
+        texts = [row["text"] for _, row in zip(range(n_samples), ds)]
+        return CorpusSample(texts, f"{name}-{config}-stream-buffer{STREAM_BUFFER}")
+    ds = load_dataset(name, config, split="train")
+    picked = sorted(random.Random(seed).sample(range(len(ds)), min(n_samples, len(ds))))
+    texts = list(ds.select(picked)["text"])
+    return CorpusSample(texts, f"{name}-{config}-{getattr(ds, '_fingerprint', len(ds))}")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what turns text into ids: a fast tokenizer's full serialisation (vocabulary,
+    merges, normaliser, pre-tokeniser), else the vocabulary and the tokenizer class."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # the truncation and padding left by the latest call are state, not rules
+        truncation, padding = backend.truncation, backend.padding
+        backend.no_truncation()
+        backend.no_padding()
+        try:
+            text = backend.to_str()
+        finally:
+            if truncation:
+                backend.enable_truncation(**truncation)
+            if padding:
+                backend.enable_padding(**{k: v for k, v in padding.items() if k != "pad_to_multiple_of" or v})
+    else:
+        text = type(tokenizer).__name__ + json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_context_length(model) -> int:
+    """The longest sequence the model takes (the reference truncates its statistics texts there)."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    raise ValueError(f"{type(config).__name__} states no context length; set stats_max_tokens")
 
 
 def model_fingerprint(model) -> str:
@@ -78,9 +144,11 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def stats_path(cache_dir, fingerprint, layer, corpus_id, n_samples, max_tokens) -> Path:
+def stats_path(cache_dir, fingerprint, layer, corpus_id, n_texts, max_tokens, tokenizer_id,
+               seed: int = SAMPLE_SEED) -> Path:
     safe = corpus_id.replace("/", "_")
-    return Path(cache_dir) / "stats" / fingerprint / safe / f"layer{layer}_n{n_samples}_t{max_tokens}_mom2_f32gram_f64sum.pt"
+    name = f"layer{layer}_n{n_texts}_t{max_tokens}_tok{tokenizer_id}_seed{seed}_mom2_f32gram_f64sum.pt"
+    return Path(cache_dir) / "stats" / fingerprint / safe / name
 
 
 @torch.no_grad()
@@ -126,27 +194,35 @@ def accumulate_second_moments(model, arch: Architecture, tokenizer, layers, text
 
 
 def load_or_compute_second_moments(model, arch, tokenizer, layers, corpus: str, n_samples: int,
-                                   max_tokens: int, cache_dir=None, fingerprint: str | None = None,
+                                   max_tokens: int | None, cache_dir=None, fingerprint: str | None = None,
                                    progress: bool = True) -> dict[int, torch.Tensor]:
-    """{layer: C0} (float64, on CPU), from the disk cache when present."""
+    """{layer: C0} (float64, on CPU), from the disk cache when present. ``max_tokens`` None: the
+    model's context length."""
     cache_dir = Path(cache_dir) if cache_dir else cache_root()
     fingerprint = fingerprint or model_fingerprint(model)
-    texts, corpus_id = corpus_texts(corpus, n_samples)
+    if max_tokens is None:
+        max_tokens = model_context_length(model)
+    sample = corpus_texts(corpus, n_samples)
+    tokenizer_id = tokenizer_fingerprint(tokenizer)
+
+    def path(layer):
+        return stats_path(cache_dir, fingerprint, layer, sample.corpus_id, len(sample.texts), max_tokens, tokenizer_id)
+
     out, missing = {}, []
     for layer in layers:
-        p = stats_path(cache_dir, fingerprint, layer, corpus_id, n_samples, max_tokens)
-        if p.exists():
-            out[layer] = torch.load(p, map_location="cpu", weights_only=True)["mom2"]
+        if path(layer).exists():
+            out[layer] = torch.load(path(layer), map_location="cpu", weights_only=True)["mom2"]
         else:
             missing.append(layer)
     if missing:
-        computed = accumulate_second_moments(model, arch, tokenizer, missing, texts, max_tokens, progress=progress)
+        computed = accumulate_second_moments(model, arch, tokenizer, missing, sample.texts, max_tokens, progress=progress)
         for layer, (mom2, count) in computed.items():
-            p = stats_path(cache_dir, fingerprint, layer, corpus_id, n_samples, max_tokens)
+            p = path(layer)
             p.parent.mkdir(parents=True, exist_ok=True)
             tmp = p.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"mom2": mom2.cpu(), "tokens": count, "corpus": corpus_id, "n_samples": n_samples,
-                        "max_tokens": max_tokens, "layer": layer}, tmp)
+            torch.save({"mom2": mom2.cpu(), "tokens": count, "corpus": sample.corpus_id,
+                        "n_texts": len(sample.texts), "max_tokens": max_tokens, "tokenizer": tokenizer_id,
+                        "seed": SAMPLE_SEED, "layer": layer}, tmp)
             os.replace(tmp, p)
             out[layer] = mom2.cpu()
     return out
