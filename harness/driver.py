@@ -541,6 +541,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cli = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
     cfg = RunConfig.from_sources(args.config, cli)
-    out = SequentialRun(cfg, resume=args.resume, progress=not args.no_progress, only=args.only).run()
+    from harness.editors.guard import NonFiniteUpdateError
+
+    try:
+        out = SequentialRun(cfg, resume=args.resume, progress=not args.no_progress, only=args.only).run()
+    except NonFiniteUpdateError as exc:
+        print(f"seqedit run: error: {exc} The run directory {cfg.output_dir} keeps every checkpoint "
+              "and the edit state of the last good batch: --resume continues from there (a transient "
+              "fault); other hyper-parameters need another --output_dir.", file=sys.stderr)
+        return 2
     print(f"run complete: {out}")
     return 0

@@ -22,6 +22,7 @@ import torch
 
 from harness.arch import architecture_for, edit_weight, weight_as_out_in
 from harness.editors.context import generate_context_templates
+from harness.editors.guard import check_target_values, checked_weight
 from harness.editors.keys import compute_keys, hidden_at_subject
 from harness.editors.solvers import preservation_loss
 from harness.editors.stats import load_or_compute_second_moments, model_fingerprint
@@ -94,14 +95,28 @@ class Editor:
 
     # ------------------------------------------------------------------ editing
     def apply_batch(self, requests) -> dict:
-        """Edit the model in place with one batch; returns the batch's trace record."""
+        """Edit the model in place with one batch; returns the batch's trace record. Every
+        update is checked before it is written; if anything fails, the edited weights are put
+        back as they were before the batch and the error is raised."""
         self.prepare()
+        before: dict[int, torch.Tensor] = {}  # per layer, its weight before this batch wrote it
+        try:
+            return self._apply_batch(requests, before)
+        except BaseException:
+            with torch.no_grad():
+                for layer, W in before.items():
+                    self.set_weight(layer, W)
+            self.abort_batch()
+            raise
+
+    def _apply_batch(self, requests, before: dict) -> dict:
         phases = defaultdict(float)
         t_start = time.perf_counter()
         self.before_batch()
         last = self.layers[-1]
         t0 = time.perf_counter()
         tv = compute_target_values(self.model, self.arch, self.tokenizer, requests, last, self.templates, self.hp)
+        check_target_values(self, tv.z_star, tv.loss)
         phases["targets"] += time.perf_counter() - t0
         solved = []
         for i, layer in enumerate(self.layers):
@@ -113,18 +128,20 @@ class Editor:
             t0 = time.perf_counter()
             W = self.weight(layer).detach().clone()
             delta = self.solve_layer(i, layer, W, K, R, requests)
-            self.set_weight(layer, W + delta.to(W.dtype))
+            W_new = checked_weight(self, layer, W, delta)
+            before[layer] = W
+            self.set_weight(layer, W_new)
             solved.append((i, layer, W, K, delta))
             phases["solve"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        layers_trace = {}
-        for i, layer, W, K, delta in solved:
+        finals = []
+        for i, layer, W, K, delta in solved:  # all checked before any is written
             final = self.finish_update(layer, W, delta)
-            W_new = W + final.to(W.dtype)
-            if final is not delta:
-                self.set_weight(layer, W_new)
-            delta = final
-            entry = {"update_norm": float(delta.float().norm())}
+            finals.append((i, layer, K, final, checked_weight(self, layer, W, final, "final update")))
+        layers_trace = {}
+        for i, layer, K, final, W_new in finals:
+            self.set_weight(layer, W_new)
+            entry = {"update_norm": float(final.float().norm())}
             if layer in self.C0:
                 entry["preservation_loss"] = preservation_loss(W_new, self.W0[layer], self.C0[layer])
             entry.update(self.after_layer(i, layer, W_new, K, entry.get("preservation_loss")) or {})
@@ -175,6 +192,10 @@ class Editor:
 
     def after_batch(self, requests) -> dict | None:
         return None
+
+    def abort_batch(self) -> None:
+        """After a failed batch the edited weights are back to what the stream continued from;
+        restore whatever else the model showed between batches (PRUNE)."""
 
     def before_batch(self) -> None:
         """Put in place the weights the edit stream continues from, if the model shows others

@@ -36,6 +36,7 @@ import torch
 
 from harness.arch import edit_weight, get_module
 from harness.editors.base import Editor
+from harness.editors.guard import NonFiniteUpdateError, checked_weight
 from harness.editors.hooks import StopForward
 from harness.editors.solvers import preservation_loss
 from harness.editors.tokens import right_padded, target_ids
@@ -165,6 +166,14 @@ class FTEditor(Editor):
             for p, flag in zip(self.model.parameters(), grad_flags):
                 p.requires_grad_(flag)
             opt.zero_grad(set_to_none=True)
+        try:  # the trained weights are checked before the batch counts
+            for layer, p, start in zip(self.layers, params, starts):
+                checked_weight(self, layer, start, p.detach() - start, "fine-tuning update")
+        except NonFiniteUpdateError:
+            with torch.no_grad():
+                for p, start in zip(params, starts):
+                    p.copy_(start)
+            raise
         train_seconds = time.perf_counter() - t_start
         with torch.no_grad():
             nll = batch.nll(self.model, self.arch, list(range(len(requests)))).tolist()

@@ -101,6 +101,10 @@ class LyapLockEditor(Editor):
         if self.hp.base == "prune":
             self.restraint.show_restrained(layers_trace)
 
+    def abort_batch(self):
+        if self.hp.base == "prune":
+            self.restraint.show_restrained({})
+
     def after_batch(self, requests):
         if self.hp.base == "alphaedit":
             return {"nullspace_dim": {str(layer): int(round(float(P.trace())))

@@ -46,7 +46,6 @@ class PruneRestraint:
         """Put the raw weights back, so the next batch continues the unrestrained MEMIT stream."""
         for layer, W_raw in self.raw.items():
             self.editor.set_weight(layer, W_raw)
-        self.raw = {}
 
     @torch.no_grad()
     def show_restrained(self, layers_trace: dict) -> None:
@@ -54,6 +53,7 @@ class PruneRestraint:
         layer's trace what the restraint saw and did (``preservation_loss``: of the shown weight;
         ``raw_preservation_loss``: of the raw weight the edits continue from)."""
         ed = self.editor
+        self.raw = {}
         for layer in ed.layers:
             W_raw = ed.weight(layer).detach().clone()
             W0 = ed.W0[layer].to(torch.float64)
@@ -91,6 +91,9 @@ class PRUNEEditor(MEMITEditor):
 
     def present(self, layers_trace):
         self.restraint.show_restrained(layers_trace)
+
+    def abort_batch(self):
+        self.restraint.show_restrained({})  # the raw weights are back: show them as before
 
     def extra_state(self):
         return {"raw_weights": self.restraint.state_dict()}

@@ -23,7 +23,10 @@ import time
 from collections import defaultdict
 from dataclasses import replace
 
+import torch
+
 from harness.editors.base import Editor
+from harness.editors.guard import check_target_values, checked_weight
 from harness.editors.keys import compute_keys, read_at_subject
 from harness.editors.solvers import preservation_loss, rome_update
 from harness.editors.targets import compute_target_values
@@ -48,6 +51,16 @@ class ROMEEditor(Editor):
         t_start = time.perf_counter()
         phases = defaultdict(float)
         W_start = self.weight(layer).detach().clone()
+        edits_before = self.edits_done
+        try:
+            return self._edit_requests(requests, layer, W_start, t_start, phases)
+        except BaseException:
+            with torch.no_grad():
+                self.set_weight(layer, W_start)
+            self.edits_done = edits_before
+            raise
+
+    def _edit_requests(self, requests, layer, W_start, t_start, phases) -> dict:
         losses, target_probs, steps, norms = [], [], [], []
         for req in requests:
             t0 = time.perf_counter()
@@ -62,12 +75,13 @@ class ROMEEditor(Editor):
             hp = replace(self.hp, clamp_norm_factor=self.hp.clamp_norm_factor * ratio,
                          v_weight_decay=self.hp.v_weight_decay / ratio**2)
             tv = compute_target_values(self.model, self.arch, self.tokenizer, [req], layer, self.templates, hp)
+            check_target_values(self, tv.z_star, tv.loss)
             phases["targets"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             v_star = m_init + (tv.z_star - tv.z_init)[0]
             W = self.weight(layer).detach()
             delta = rome_update(W, self.C0.get(layer), k_star, k_clean, v_star, w_k_clean=m_init)
-            self.set_weight(layer, W + delta)
+            self.set_weight(layer, checked_weight(self, layer, W, delta, f"rank-one update of case {req.case_id}"))
             phases["solve"] += time.perf_counter() - t0
             losses += tv.loss
             target_probs += tv.target_prob

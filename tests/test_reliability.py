@@ -1,0 +1,158 @@
+"""Reliability: what a long run must survive. Numerical faults are never written: an update with
+NaN or Inf stops the batch with an error naming method, batch and layer, the weights stay as they
+were before the batch, and a sequential run keeps its last good state, resumable."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from harness.data import load_counterfact
+from harness.editors import editor_class
+from harness.editors.guard import NonFiniteUpdateError, checked_weight
+from harness.editors.hparams import load_hparams
+from harness.editors.memit import MEMITEditor
+from harness.testing import tiny_model
+
+FAST = dict(layers=[1, 2], v_num_grad_steps=4, stats_samples=30, stats_max_tokens=48,
+            context_templates=[[6, 2]], v_lr=0.5)
+
+
+@pytest.fixture(scope="module")
+def requests():
+    return load_counterfact(limit=12)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("stats")
+
+
+def make_editor(method, cache_dir, **over):
+    model, tok = tiny_model("llama")
+    hp = load_hparams(method, "smollm2-135m", overrides={**FAST, **over})
+    return editor_class(method)(model, tok, hp, cache_dir=cache_dir, progress=False)
+
+
+def snapshot(ed):
+    return {name: p.detach().clone() for name, p in ed.model.named_parameters()}
+
+
+def assert_unchanged(ed, before):
+    for name, p in ed.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+METHODS = [
+    ("memit", {}), ("alphaedit", {}), ("lyaplock", {}), ("prune", {}), ("rect", {}),
+    ("rlsedit", {}), ("encore", {}), ("lyaplock", {"base": "prune"}), ("lyaplock", {"base": "alphaedit"}),
+    ("rome", {"layers": [2]}), ("ft", {"layers": [1], "ft_steps": 2}),
+]
+
+
+@pytest.mark.parametrize("method,over", METHODS, ids=[f"{m}-{o.get('base', '')}" for m, o in METHODS])
+def test_an_infinite_learning_rate_is_refused_before_any_weight_is_written(method, over, requests, cache_dir):
+    ed = make_editor(method, cache_dir, **over)
+    ed.apply_batch(requests[:2])  # a good batch first: the failure is the second one
+    before = snapshot(ed)
+    bad = {"ft_lr": math.inf} if method == "ft" else {"v_lr": math.inf}
+    ed.hp = type(ed.hp)(**{**ed.hp.to_dict(), **bad})
+    with pytest.raises(NonFiniteUpdateError, match=rf"{ed.name}: batch 1 \(edits 2\+\).*NaN/Inf.*Nothing of this batch was written"):
+        ed.apply_batch(requests[2:4])
+    assert_unchanged(ed, before)
+    assert ed.batches_done == 1 and ed.edits_done == 2
+
+
+def test_first_batch_of_ft_with_an_infinite_rate_is_refused(requests, cache_dir):
+    ed = make_editor("ft", cache_dir, layers=[1], ft_lr=math.inf, ft_steps=2)
+    before = snapshot(ed)
+    with pytest.raises(NonFiniteUpdateError, match=r"ft: batch 0 \(edits 0\+\), layer 1: the fine-tuning update"):
+        ed.apply_batch(requests[:2])
+    assert_unchanged(ed, before)
+
+
+@pytest.mark.parametrize("method", ["memit", "prune", "rect"])
+def test_a_non_finite_solve_in_a_later_layer_puts_the_earlier_layers_back(method, requests, cache_dir, monkeypatch):
+    """Layer 1 is solved and written (layer 2's keys must see it) before layer 2's solve fails:
+    layer 1 goes back, the editor's state is untouched, and the stream continues as if the
+    failed batch had never been tried."""
+    ed = make_editor(method, cache_dir, mom2_update_weight=1e-3)
+    twin = make_editor(method, cache_dir, mom2_update_weight=1e-3)
+    ed.apply_batch(requests[:2])
+    twin.apply_batch(requests[:2])
+    before = snapshot(ed)
+    original = MEMITEditor.solve_layer
+
+    def singular_at_layer_2(self, i, layer, W, K, R, reqs):
+        delta = original(self, i, layer, W, K, R, reqs)
+        return delta * float("nan") if layer == 2 else delta
+
+    monkeypatch.setattr(MEMITEditor, "solve_layer", singular_at_layer_2)
+    with pytest.raises(NonFiniteUpdateError, match=rf"{method}: batch 1 \(edits 2\+\), layer 2: the update has \d+ NaN/Inf"):
+        ed.apply_batch(requests[2:4])
+    assert_unchanged(ed, before)
+    monkeypatch.setattr(MEMITEditor, "solve_layer", original)
+    ed.apply_batch(requests[2:4])
+    twin.apply_batch(requests[2:4])
+    for name, p in ed.model.named_parameters():
+        assert torch.equal(p, dict(twin.model.named_parameters())[name]), name
+    if method == "prune":
+        for layer in ed.layers:
+            assert layer not in twin.restraint.raw or torch.equal(ed.restraint.raw[layer], twin.restraint.raw[layer])
+
+
+def test_an_update_that_overflows_the_weight_dtype_is_refused(requests, cache_dir):
+    ed = make_editor("memit", cache_dir)
+    W = torch.ones(3, 4, dtype=torch.float16)
+    assert torch.equal(checked_weight(ed, 1, W, torch.full((3, 4), 2.0)), torch.full((3, 4), 3.0, dtype=torch.float16))
+    with pytest.raises(NonFiniteUpdateError, match=r"layer 1: W \+ update overflows torch.float16 in 12 entries"):
+        checked_weight(ed, 1, W, torch.full((3, 4), 1e6))
+    with pytest.raises(NonFiniteUpdateError, match=r"layer 1: the final update has 1 NaN/Inf"):
+        checked_weight(ed, 1, W, torch.tensor([[float("inf")] + [0.0] * 3] + [[0.0] * 4] * 2), "final update")
+
+
+def test_a_run_stops_at_the_bad_batch_and_resumes_from_the_last_good_one(tmp_path, monkeypatch, capsys):
+    """In a sequential run the faulty batch ends the run with one error line and exit status 2;
+    the trace, the checkpoints and the edit state are those of the last good batch, and
+    --resume (once the fault is gone) continues to the end."""
+    from harness.driver import main
+
+    d = tmp_path / "model"
+    model, tok = tiny_model("llama")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    cfg = dict(model=str(d), model_name="tiny-llama", methods=["memit"], edit_data="counterfact",
+               num_edits=8, edit_batch_size=2, eval_every=4, tasks=["counterfact_edit_scores"],
+               output_dir=str(tmp_path / "run"), seed=3, cache_dir=str(tmp_path / "cache"),
+               device="cpu", hparams={"memit": "smollm2-135m"}, overrides={"memit": FAST})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    original = MEMITEditor.solve_layer
+
+    def fails_in_batch_3(self, i, layer, W, K, R, reqs):
+        delta = original(self, i, layer, W, K, R, reqs)
+        return delta * float("inf") if self.batches_done == 3 and layer == 2 else delta
+
+    monkeypatch.setattr(MEMITEditor, "solve_layer", fails_in_batch_3)
+    assert main(["--config", str(path), "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert "seqedit run: error: memit: batch 3 (edits 6+), layer 2: the update has" in err and "--resume" in err
+    run = tmp_path / "run" / "memit"
+    trace = [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in trace] == [0, 1, 2]
+    assert all(math.isfinite(e["preservation_loss"]) for r in trace for e in r["layers"].values())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["edits_000000", "edits_000004"]
+    state = torch.load(run / "state" / "edit_state.pt", weights_only=False)
+    assert state["lm"]["edited_case_ids"] == list(range(6))
+    assert all(torch.isfinite(w).all() for w in state["lm"]["editor"]["weights"].values())
+
+    monkeypatch.setattr(MEMITEditor, "solve_layer", original)
+    assert main(["--config", str(path), "--no_progress", "--resume"]) == 0
+    trace = [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in trace] == [0, 1, 2, 3]
+    final = json.loads((run / "checkpoints" / "edits_000008" / "results.json").read_text())
+    assert final["seqedit"]["edited_case_ids"] == list(range(8))
