@@ -156,3 +156,63 @@ def test_a_run_stops_at_the_bad_batch_and_resumes_from_the_last_good_one(tmp_pat
     assert [r["batch"] for r in trace] == [0, 1, 2, 3]
     final = json.loads((run / "checkpoints" / "edits_000008" / "results.json").read_text())
     assert final["seqedit"]["edited_case_ids"] == list(range(8))
+
+
+# ------------------------------------------------------------------------- statistics cache
+
+
+def test_statistics_cache_is_keyed_by_every_weight_below_the_layer(tmp_path):
+    """One changed weight that the old strided fingerprint never looked at gives other
+    statistics for the layers above it, and none for the layers below."""
+    from harness.arch import architecture_for
+    from harness.editors.stats import keys_fingerprints, model_fingerprint
+
+    model, _ = tiny_model("llama")
+    arch = architecture_for(model)
+    before, fp_before = keys_fingerprints(model, arch, [0, 1, 2]), model_fingerprint(model)
+    W = model.model.layers[1].self_attn.q_proj.weight
+    with torch.no_grad():
+        W.view(-1)[1] += 1e-3  # off the strided sample (every numel // 512-th entry)
+    after = keys_fingerprints(model, arch, [0, 1, 2])
+    assert model_fingerprint(model) == fp_before  # what the cache used to be keyed by
+    assert after[0] == before[0] and after[1] != before[1] and after[2] != before[2]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other_layer", "wrong_shape", "nan", "not_a_dict"])
+def test_a_damaged_statistics_entry_is_recomputed_with_a_warning(damage, tmp_path, caplog):
+    from harness.arch import architecture_for
+    from harness.editors.stats import load_or_compute_second_moments
+
+    model, tok = tiny_model("gpt2")
+    arch = architecture_for(model)
+    good = load_or_compute_second_moments(model, arch, tok, [1], "bundled", 12, 32, tmp_path, progress=False)[1]
+    (path,) = list(tmp_path.rglob("*.pt"))
+    payload = torch.load(path, weights_only=True)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "other_layer":
+        torch.save({**payload, "layer": 2}, path)
+    elif damage == "wrong_shape":
+        torch.save({**payload, "mom2": payload["mom2"][:-1]}, path)
+    elif damage == "nan":
+        torch.save({**payload, "mom2": payload["mom2"] * float("nan")}, path)
+    else:
+        torch.save([1, 2, 3], path)
+    with caplog.at_level("WARNING", logger="harness.editors.stats"):
+        again = load_or_compute_second_moments(model, arch, tok, [1], "bundled", 12, 32, tmp_path, progress=False)[1]
+    assert str(path) in caplog.text and "recomputing" in caplog.text
+    assert torch.equal(again, good)
+    assert torch.equal(torch.load(path, weights_only=True)["mom2"], good)  # the entry is whole again
+
+
+def test_non_finite_statistics_are_an_error_not_a_cache_entry(tmp_path):
+    from harness.arch import architecture_for
+    from harness.editors.stats import load_or_compute_second_moments
+
+    model, tok = tiny_model("gpt2")
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="key statistics of layer 1 are not finite"):
+        load_or_compute_second_moments(model, architecture_for(model), tok, [1], "bundled", 12, 32, tmp_path,
+                                       progress=False)
+    assert not list(tmp_path.rglob("*.pt"))

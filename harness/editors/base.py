@@ -83,8 +83,7 @@ class Editor:
             self.fingerprint = model_fingerprint(self.model)
             mom2 = load_or_compute_second_moments(
                 self.model, self.arch, self.tokenizer, self.layers, self.hp.stats_corpus,
-                self.hp.stats_samples, self.hp.stats_max_tokens, self.cache_dir, self.fingerprint,
-                progress=self.progress)
+                self.hp.stats_samples, self.hp.stats_max_tokens, self.cache_dir, progress=self.progress)
             self.C0 = {layer: m.to(self.device, torch.float64) for layer, m in mom2.items()}
         self.prepare_state()
         self.prepared = True

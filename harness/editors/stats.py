@@ -9,10 +9,12 @@ atomically, with a progress bar.
 The sample, as the reference's ``layer_stats``: ``stats_samples`` texts drawn uniformly without
 replacement with a fixed seed (1) from the whole corpus, each truncated to ``stats_max_tokens``
 tokens (null: the model's context length, as the reference, e.g. 8192 for Llama-3), every
-non-pad token counted. The disk cache key holds everything the result depends on: the model's
-weights (fingerprint), the layer, the corpus's content (sha256 of the file, or the datasets
+non-pad token counted. The disk cache key holds everything the result depends on: the weights
+below the layer, the layer, the corpus's content (sha256 of the file, or the datasets
 fingerprint of the Hub dataset), the number of texts, the token budget per text, the tokenizer
-(hash of its vocabulary and rules) and the seed.
+(hash of its vocabulary and rules) and the seed. The weights part hashes, in full, every
+parameter the layer's keys depend on. A cache entry is validated when loaded (readable, the
+layer's, the right shape, finite); a damaged one is recomputed with a warning naming the file.
 
 Corpora (``stats_corpus``): ``bundled`` (2,000 Wikipedia summaries shipped in the package),
 a path to a .jsonl/.jsonl.gz/.txt file (one text per record, field ``text``) - e.g.
@@ -144,6 +146,32 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def keys_fingerprints(model, arch: Architecture, layers) -> dict[int, str]:
+    """Per edit layer, a hash of every weight its keys depend on, in full: the config, the
+    parameters outside the blocks (embeddings, final norm, head) and blocks 0..layer. A change to
+    any single one of them gives other statistics; a change above the layer does not."""
+    blocks = [arch.layer_name(i) + "." for i in range(arch.n_layers(model.config))]
+
+    def block_of(name):
+        return next((i for i, prefix in enumerate(blocks) if name.startswith(prefix)), -1)
+
+    params = sorted(model.named_parameters(), key=lambda item: (block_of(item[0]), item[0]))
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    out, wanted = {}, sorted(layers)
+    with torch.no_grad():
+        for name, p in params:
+            block = block_of(name)
+            while wanted and block > wanted[0]:
+                out[wanted.pop(0)] = digest.hexdigest()[:16]
+            if not wanted:
+                break
+            digest.update(name.encode())
+            digest.update(p.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for layer in wanted:
+        out[layer] = digest.hexdigest()[:16]
+    return out
+
+
 def stats_path(cache_dir, fingerprint, layer, corpus_id, n_texts, max_tokens, tokenizer_id,
                seed: int = SAMPLE_SEED) -> Path:
     safe = corpus_id.replace("/", "_")
@@ -193,36 +221,68 @@ def accumulate_second_moments(model, arch: Architecture, tokenizer, layers, text
     return {layer: (sums[layer] / count, count) for layer in layers}
 
 
+def _cached_second_moment(path: Path, layer: int, d_in: int) -> torch.Tensor | None:
+    """The cached C0 of ``layer``, or None (with a warning naming the file) when the entry is
+    unreadable, of another layer or shape, or not finite: it is then recomputed."""
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: whatever torch raises
+        log.warning("statistics cache %s is unreadable (%s: %s); recomputing it", path, type(exc).__name__, exc)
+        return None
+    mom2 = payload.get("mom2") if isinstance(payload, dict) else None
+    if not isinstance(mom2, torch.Tensor) or tuple(mom2.shape) != (d_in, d_in):
+        problem = f"holds {type(mom2).__name__} {tuple(getattr(mom2, 'shape', ()))}, expected ({d_in}, {d_in})"
+    elif payload.get("layer") != layer:
+        problem = f"is for layer {payload.get('layer')}, not {layer}"
+    elif not torch.isfinite(mom2).all():
+        problem = "holds NaN/Inf"
+    else:
+        return mom2
+    log.warning("statistics cache %s %s; recomputing it", path, problem)
+    return None
+
+
 def load_or_compute_second_moments(model, arch, tokenizer, layers, corpus: str, n_samples: int,
-                                   max_tokens: int | None, cache_dir=None, fingerprint: str | None = None,
+                                   max_tokens: int | None, cache_dir=None,
                                    progress: bool = True) -> dict[int, torch.Tensor]:
-    """{layer: C0} (float64, on CPU), from the disk cache when present. ``max_tokens`` None: the
-    model's context length."""
+    """{layer: C0} (float64, on CPU), from the disk cache when a valid entry is there.
+    ``max_tokens`` None: the model's context length."""
+    from harness.arch import edit_weight, weight_as_out_in
+
     cache_dir = Path(cache_dir) if cache_dir else cache_root()
-    fingerprint = fingerprint or model_fingerprint(model)
     if max_tokens is None:
         max_tokens = model_context_length(model)
     sample = corpus_texts(corpus, n_samples)
     tokenizer_id = tokenizer_fingerprint(tokenizer)
+    weights_id = keys_fingerprints(model, arch, layers)
 
     def path(layer):
-        return stats_path(cache_dir, fingerprint, layer, sample.corpus_id, len(sample.texts), max_tokens, tokenizer_id)
+        return stats_path(cache_dir, weights_id[layer], layer, sample.corpus_id, len(sample.texts), max_tokens,
+                          tokenizer_id)
 
     out, missing = {}, []
     for layer in layers:
-        if path(layer).exists():
-            out[layer] = torch.load(path(layer), map_location="cpu", weights_only=True)["mom2"]
-        else:
+        d_in = weight_as_out_in(edit_weight(model, arch, layer), arch).shape[1]
+        cached = _cached_second_moment(path(layer), layer, d_in)
+        if cached is None:
             missing.append(layer)
+        else:
+            out[layer] = cached
     if missing:
         computed = accumulate_second_moments(model, arch, tokenizer, missing, sample.texts, max_tokens, progress=progress)
         for layer, (mom2, count) in computed.items():
+            if not torch.isfinite(mom2).all():
+                raise FloatingPointError(
+                    f"the key statistics of layer {layer} are not finite (NaN/Inf activations on the "
+                    f"corpus {sample.corpus_id}); check the model's dtype (float32) and weights")
             p = path(layer)
             p.parent.mkdir(parents=True, exist_ok=True)
             tmp = p.with_suffix(f".tmp{os.getpid()}")
             torch.save({"mom2": mom2.cpu(), "tokens": count, "corpus": sample.corpus_id,
                         "n_texts": len(sample.texts), "max_tokens": max_tokens, "tokenizer": tokenizer_id,
                         "seed": SAMPLE_SEED, "layer": layer}, tmp)
-            os.replace(tmp, p)
+            os.replace(tmp, p)  # atomic: a parallel writer of the same entry writes the same values
             out[layer] = mom2.cpu()
     return out
