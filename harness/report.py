@@ -231,6 +231,43 @@ def queue_figure(line: Series) -> Plot | None:
                 + queue_summary(line.run), fig, model)
 
 
+def restraint_figure(line: Series) -> Plot | None:
+    """PRUNE (and LyapLock base=prune): per layer, the accumulated update's largest singular
+    value against the bound sigma_max(W0) above which the restraint compresses it."""
+    tops = line.run.layer_series("update_sigma_max")
+    if not tops:
+        return None
+    bounds = line.run.layer_series("sigma_max_W0")
+    model = line.run.model
+    fig, axes = _grid(len(tops), f"PRUNE restraint: {line.label} on {model}")
+    first_acts = []
+    for ax, (layer, (xs, ys)) in zip(axes, tops.items()):
+        ax.plot(xs, ys, color=line.color, label="largest singular value of W - W0 (raw)")
+        bxs, bys = bounds.get(layer, ([], []))
+        if bxs:
+            ax.plot(bxs, bys, color="black", linestyle=THRESHOLD_LINESTYLE, linewidth=1.2, label="bound σ_max(W0)")
+            above = [x for x, y, b in zip(xs, ys, bys) if y > b]
+            if above:
+                first_acts.append((above[0], layer))
+        ax.set(title=f"layer {layer}", xlabel=EDITS_AXIS)
+        ax.set_ylabel("singular value", fontsize=8)
+        ax.grid(alpha=0.3)
+    _finish(fig, axes)
+    if first_acts:
+        edits, layer = min(first_acts, key=lambda t: (t[0], _layer_key(t[1])))
+        acted = (f"The restraint first acted after {edits} edits (layer {layer}); "
+                 f"{len(first_acts)} of {len(tops)} layers passed the bound.")
+    else:
+        acted = "No layer's accumulated update passed the bound: the model stayed raw MEMIT."
+    return Plot(_stem(model, line.label, "restraint"), f"PRUNE restraint of {line.label}: {model}",
+                "The edits accumulate as plain MEMIT; the model shows the update with every singular "
+                "value above σ_max(W0) (dashed) compressed logarithmically. " + acted, fig, model)
+
+
+def _layer_key(layer: str):
+    return (0, int(layer)) if layer.isdigit() else (1, layer)
+
+
 def queue_summary(run: MethodRun) -> str:
     """What the queue did in this run, in one sentence: a flat plot should not need decoding."""
     losses, thresholds = run.layer_series("preservation_loss"), run.layer_series("threshold")
@@ -305,6 +342,7 @@ def build_plots(runs: list[RunDir]) -> list[Plot]:
             editing_figure(model, of_model),
             preservation_figure(model, of_model),
             *(queue_figure(s) for s in of_model if s.run.lyaplock_family),
+            *(restraint_figure(s) for s in of_model),
             edit_time_figure(model, of_model),
             general_figure(model, of_model),
         ]

@@ -313,3 +313,34 @@ def test_browser_check_catches_broken_pages(tmp_path):
     assert any("Uncaught" in p and "undefinedFunction" in p for p in problems), shown.stderr
     assert any("image did not load: figures/missing.png" in p for p in problems)
     assert 'data-images-loaded="0"' in shown.stdout
+
+
+def test_prune_runs_get_a_restraint_figure_saying_when_it_acted(tmp_path):
+    run = tmp_path / "prune_run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({
+        "config": {"methods": ["memit", "prune"], "edit_data": "counterfact", "num_edits": 4 * BATCH},
+        "model_name": SMOLLM}))
+    for method in ("memit", "prune"):
+        (run / method).mkdir()
+        lines = []
+        for b in range(4):
+            layers = {str(layer): {"preservation_loss": 1.0 + b} for layer in LAYERS}
+            if method == "prune":  # the last layer passes its bound of 3 after the third batch
+                for k, layer in enumerate(LAYERS):
+                    grows = k == len(LAYERS) - 1
+                    layers[str(layer)].update(update_sigma_max=(1.0 + b) if grows else 0.5,
+                                              sigma_max_W0=3.0 - 0.1 * grows)
+            lines.append(json.dumps({"method": method, "batch": b, "edits_done": (b + 1) * BATCH,
+                                     "edit_seconds": 1.0, "layers": layers}))
+        (run / method / "trace.jsonl").write_text("\n".join(lines) + "\n")
+    series = report.build_series(load_runs([run]))
+    figures = {s.run.method: report.restraint_figure(s) for s in series}
+    assert figures["memit"] is None
+    plot = figures["prune"]
+    assert f"first acted after {3 * BATCH} edits (layer {LAYERS[-1]})" in plot.caption
+    assert f"1 of {len(LAYERS)} layers passed the bound" in plot.caption
+    ax = visible_axes(plot)[-1]
+    assert [l.get_label() for l in ax.get_lines()] == ["largest singular value of W - W0 (raw)", "bound σ_max(W0)"]
+    assert ax.get_lines()[1].get_linestyle() == "--"
+    assert "prune_restraint" in plot.stem
