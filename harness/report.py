@@ -37,6 +37,7 @@ from harness.resultsdir import (
     MethodRun,
     RunDir,
     RunDirError,
+    _layer_order,
     load_runs,
 )
 
@@ -254,7 +255,7 @@ def restraint_figure(line: Series) -> Plot | None:
         ax.grid(alpha=0.3)
     _finish(fig, axes)
     if first_acts:
-        edits, layer = min(first_acts, key=lambda t: (t[0], _layer_key(t[1])))
+        edits, layer = min(first_acts, key=lambda t: (t[0], _layer_order(t[1])))
         acted = (f"The restraint first acted after {edits} edits (layer {layer}); "
                  f"{len(first_acts)} of {len(tops)} layers passed the bound.")
     else:
@@ -262,10 +263,6 @@ def restraint_figure(line: Series) -> Plot | None:
     return Plot(_stem(model, line.label, "restraint"), f"PRUNE restraint of {line.label}: {model}",
                 "The edits accumulate as plain MEMIT; the model shows the update with every singular "
                 "value above σ_max(W0) (dashed) compressed logarithmically. " + acted, fig, model)
-
-
-def _layer_key(layer: str):
-    return (0, int(layer)) if layer.isdigit() else (1, layer)
 
 
 def queue_summary(run: MethodRun) -> str:

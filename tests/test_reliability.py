@@ -162,19 +162,18 @@ def test_a_run_stops_at_the_bad_batch_and_resumes_from_the_last_good_one(tmp_pat
 
 
 def test_statistics_cache_is_keyed_by_every_weight_below_the_layer(tmp_path):
-    """One changed weight that the old strided fingerprint never looked at gives other
+    """One changed weight, which the old strided fingerprint never looked at, gives other
     statistics for the layers above it, and none for the layers below."""
     from harness.arch import architecture_for
-    from harness.editors.stats import keys_fingerprints, model_fingerprint
+    from harness.editors.stats import keys_fingerprints
 
     model, _ = tiny_model("llama")
     arch = architecture_for(model)
-    before, fp_before = keys_fingerprints(model, arch, [0, 1, 2]), model_fingerprint(model)
+    before = keys_fingerprints(model, arch, [0, 1, 2])
     W = model.model.layers[1].self_attn.q_proj.weight
     with torch.no_grad():
-        W.view(-1)[1] += 1e-3  # off the strided sample (every numel // 512-th entry)
+        W.view(-1)[1] += 1e-3  # one entry (the old key sampled every numel // 512-th only)
     after = keys_fingerprints(model, arch, [0, 1, 2])
-    assert model_fingerprint(model) == fp_before  # what the cache used to be keyed by
     assert after[0] == before[0] and after[1] != before[1] and after[2] != before[2]
 
 

@@ -341,6 +341,6 @@ def test_prune_runs_get_a_restraint_figure_saying_when_it_acted(tmp_path):
     assert f"first acted after {3 * BATCH} edits (layer {LAYERS[-1]})" in plot.caption
     assert f"1 of {len(LAYERS)} layers passed the bound" in plot.caption
     ax = visible_axes(plot)[-1]
-    assert [l.get_label() for l in ax.get_lines()] == ["largest singular value of W - W0 (raw)", "bound σ_max(W0)"]
+    assert [ln.get_label() for ln in ax.get_lines()] == ["largest singular value of W - W0 (raw)", "bound σ_max(W0)"]
     assert ax.get_lines()[1].get_linestyle() == "--"
     assert "prune_restraint" in plot.stem

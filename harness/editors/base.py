@@ -25,7 +25,7 @@ from harness.editors.context import generate_context_templates
 from harness.editors.guard import check_target_values, checked_weight
 from harness.editors.keys import compute_keys, hidden_at_subject
 from harness.editors.solvers import preservation_loss
-from harness.editors.stats import load_or_compute_second_moments, model_fingerprint
+from harness.editors.stats import load_or_compute_second_moments
 from harness.editors.targets import compute_target_values
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ class Editor:
         self.templates: list[list[str]] | None = None
         self.C0: dict[int, torch.Tensor] = {}
         self.W0: dict[int, torch.Tensor] = {}
-        self.fingerprint: str | None = None
         self.batches_done = 0
         self.edits_done = 0
         self.prepared = False
@@ -80,7 +79,6 @@ class Editor:
             self.templates = generate_context_templates(self.model, self.tokenizer, self.hp.context_templates, self.seed)
         self.W0 = {layer: self.weight(layer).detach().clone() for layer in self.layers}
         if self.uses_stats:
-            self.fingerprint = model_fingerprint(self.model)
             mom2 = load_or_compute_second_moments(
                 self.model, self.arch, self.tokenizer, self.layers, self.hp.stats_corpus,
                 self.hp.stats_samples, self.hp.stats_max_tokens, self.cache_dir, progress=self.progress)
@@ -239,7 +237,3 @@ class Editor:
 
     def load_extra_state(self, state: dict) -> None:
         pass
-
-    def fingerprint_check(self) -> None:
-        if self.fingerprint is None:
-            self.fingerprint = model_fingerprint(self.model)

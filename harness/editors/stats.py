@@ -39,8 +39,9 @@ import torch
 from tqdm.auto import tqdm
 
 from harness import cache_root
-from harness.arch import Architecture, get_module
+from harness.arch import Architecture, edit_weight, get_module, weight_as_out_in
 from harness.editors.hooks import capture, run_until
+from harness.loading import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,6 @@ STREAM_BUFFER = 10_000
 class CorpusSample:
     texts: list[str]
     corpus_id: str  # the corpus's identity: name and content hash
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def corpus_texts(corpus: str, n_samples: int, seed: int = SAMPLE_SEED) -> CorpusSample:
@@ -86,7 +79,7 @@ def corpus_texts(corpus: str, n_samples: int, seed: int = SAMPLE_SEED) -> Corpus
             texts = [t for t in fh.read().split("\n\n") if t.strip()]
     if n_samples < len(texts):
         texts = [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), n_samples))]
-    return CorpusSample(texts, f"{path.name}-sha256-{_file_sha256(path)[:16]}")
+    return CorpusSample(texts, f"{path.name}-sha256-{file_sha256(path)[:16]}")
 
 
 def _wikipedia_texts(n_samples: int, seed: int, stream: bool) -> CorpusSample:
@@ -119,7 +112,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
             if truncation:
                 backend.enable_truncation(**truncation)
             if padding:
-                backend.enable_padding(**{k: v for k, v in padding.items() if k != "pad_to_multiple_of" or v})
+                backend.enable_padding(**padding)
     else:
         text = type(tokenizer).__name__ + json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -133,17 +126,6 @@ def model_context_length(model) -> int:
         if value:
             return int(value)
     raise ValueError(f"{type(config).__name__} states no context length; set stats_max_tokens")
-
-
-def model_fingerprint(model) -> str:
-    """Hash of the config and a strided sample of every parameter: statistics belong to weights."""
-    h = hashlib.sha1(model.config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            h.update(name.encode())
-            h.update(flat[:: max(1, flat.numel() // 512)].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def keys_fingerprints(model, arch: Architecture, layers) -> dict[int, str]:
@@ -249,8 +231,6 @@ def load_or_compute_second_moments(model, arch, tokenizer, layers, corpus: str, 
                                    progress: bool = True) -> dict[int, torch.Tensor]:
     """{layer: C0} (float64, on CPU), from the disk cache when a valid entry is there.
     ``max_tokens`` None: the model's context length."""
-    from harness.arch import edit_weight, weight_as_out_in
-
     cache_dir = Path(cache_dir) if cache_dir else cache_root()
     if max_tokens is None:
         max_tokens = model_context_length(model)
