@@ -81,30 +81,34 @@ def accept_gguf_path(hf_module) -> None:
 
 def check_hub_data_first(evaluator_module) -> None:
     """Before one of our editing wrappers is built (and edits), check that the hub datasets of the
-    requested tasks can be had; under the lm_eval CLI a missing one is one line and exit code 2."""
+    requested tasks can be had. Under the lm_eval CLI a user mistake our code reports (a missing
+    dataset, an unknown model argument, bad edit data) is one line and exit code 2; the traceback
+    stays available with SEQEDIT_DEBUG=1."""
     original = evaluator_module.simple_evaluate
     if getattr(original, "_harness_patched", False):
         return
 
     def simple_evaluate(*args, **kwargs):
-        model = kwargs.get("model", args[0] if args else None)
-        tasks = kwargs.get("tasks")
-        if isinstance(model, str) and model in MODEL_NAMES and tasks:
-            from harness.hub_datasets import HubDataUnavailable, preflight
+        from harness.errors import UserError, debug_enabled
 
-            if kwargs.get("task_manager") is None:
-                from lm_eval.tasks import TaskManager
+        try:
+            model = kwargs.get("model", args[0] if args else None)
+            tasks = kwargs.get("tasks")
+            if isinstance(model, str) and model in MODEL_NAMES and tasks:
+                from harness.hub_datasets import preflight
 
-                kwargs["task_manager"] = TaskManager(metadata=kwargs.get("metadata"))
-            names = tasks if isinstance(tasks, (list, tuple)) else [tasks]
-            try:
+                if kwargs.get("task_manager") is None:
+                    from lm_eval.tasks import TaskManager
+
+                    kwargs["task_manager"] = TaskManager(metadata=kwargs.get("metadata"))
+                names = tasks if isinstance(tasks, (list, tuple)) else [tasks]
                 preflight(kwargs["task_manager"], names)
-            except HubDataUnavailable as exc:
-                if _under_lm_eval_cli():
-                    print(f"lm_eval: error: {exc}", file=sys.stderr)
-                    raise SystemExit(2) from None
-                raise
-        return original(*args, **kwargs)
+            return original(*args, **kwargs)
+        except UserError as exc:
+            if _under_lm_eval_cli() and not debug_enabled():
+                print(f"lm_eval: error: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
+            raise
 
     simple_evaluate._harness_patched = True
     simple_evaluate.__wrapped__ = original

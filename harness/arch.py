@@ -8,10 +8,12 @@ from dataclasses import dataclass
 
 import yaml
 
+from harness.errors import UserError
+
 ARCH_FILE = os.path.join(os.path.dirname(__file__), "configs", "architectures.yaml")
 
 
-class UnknownArchitectureError(KeyError):
+class UnknownArchitectureError(UserError, KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable
         return self.args[0]
 

@@ -38,9 +38,12 @@ from pathlib import Path
 
 import yaml
 
+from harness.errors import ConfigError, UserError, did_you_mean, unknown_names_error
+
 log = logging.getLogger("harness.driver")
 
 EDITING_TASK_PREFIXES = ("counterfact_edit", "zsre_edit")
+ALL_METHODS = "*"  # key of ``overrides`` that applies to every method
 
 
 @dataclass
@@ -73,28 +76,111 @@ class RunConfig:
     def from_sources(cls, path: str | None, cli: dict) -> RunConfig:
         data = {}
         if path:
-            with open(path) as fh:
-                data = yaml.safe_load(fh) or {}
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+            try:
+                with open(path) as fh:
+                    data = yaml.safe_load(fh) or {}
+            except OSError as exc:
+                raise ConfigError(f"--config {path}: {exc.strerror}") from None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--config {path}: not valid YAML ({exc})".replace("\n", " ")) from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"--config {path}: expected a mapping of run-config keys, got {type(data).__name__}")
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - valid
         if unknown:
-            raise ValueError(f"{path}: unknown run-config keys {sorted(unknown)}")
+            raise unknown_names_error(f"run-config key(s) in {path}:", unknown, valid)
         data.update({k: v for k, v in cli.items() if v is not None})
         cfg = cls(**data)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
-        if self.num_edits < 0 or self.edit_batch_size < 1 or self.eval_every < 1:
-            raise ValueError("num_edits >= 0, edit_batch_size >= 1 and eval_every >= 1 are required")
+        """Every mistake that can be seen without a model, each as one line naming the fix: checked
+        before anything is loaded or written."""
+        for name in ("num_edits", "edit_batch_size", "eval_every", "eval_batch_size", "seed", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        if self.limit is not None and (not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 1):
+            raise ConfigError(f"limit must be a whole number >= 1 (or null for every document), got {self.limit!r}")
+        if self.num_edits < 0:
+            raise ConfigError(f"num_edits must be >= 0 (0: only the pre-edited model), got {self.num_edits}")
+        for name in ("edit_batch_size", "eval_every", "eval_batch_size", "save_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_every % self.edit_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"eval_every ({self.eval_every}) must be a multiple of edit_batch_size "
                 f"({self.edit_batch_size}) so that evaluations fall between batches")
-        from harness.editors import EDITORS
+        for name in ("methods", "tasks"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not value or not all(isinstance(x, str) and x for x in value):
+                raise ConfigError(f"{name} must be a non-empty list of names, got {value!r}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods lists a method twice: {self.methods}")
+        for name in ("hparams", "overrides", "task_metadata"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name} must be a mapping, got {getattr(self, name)!r}")
+        if self.zsre_target not in ("answers", "alt"):
+            raise ConfigError(f"zsre_target must be 'answers' or 'alt', got {self.zsre_target!r}")
+        self._validate_model_path()
+        self._validate_methods()
+        self._validate_edit_data()
 
+    def _validate_methods(self) -> None:
+        from harness.editors import EDITORS
+        from harness.editors.hparams import EditHparams, load_hparams
+
+        bases = ("memit", "prune", "rect", "alphaedit")
         for m in self.methods:
-            if m.split("-")[0] not in EDITORS:
-                raise ValueError(f"unknown method {m!r}; known: {sorted(EDITORS)} (and lyaplock-<base>)")
+            base, _, addon = m.partition("-")
+            if base not in EDITORS:
+                raise ConfigError(f"unknown method {m!r}{did_you_mean(base, EDITORS)}; known: "
+                                  f"{', '.join(sorted(EDITORS))} and lyaplock-<{'|'.join(bases)}>")
+            if addon and (base != "lyaplock" or addon not in bases):
+                raise ConfigError(f"unknown method {m!r}: only lyaplock takes an add-on base "
+                                  f"(lyaplock-{', lyaplock-'.join(bases)})")
+        for key in ("hparams", "overrides"):
+            stray = set(getattr(self, key)) - set(self.methods) - ({ALL_METHODS} if key == "overrides" else set())
+            if stray:
+                raise unknown_names_error(f"method(s) in {key}:", stray, self.methods)
+        for m, over in self.overrides.items():
+            if not isinstance(over, dict):
+                raise ConfigError(f"overrides.{m} must be a mapping of hyper-parameters, got {over!r}")
+            unknown = set(over) - EditHparams.keys()
+            if unknown:
+                raise unknown_names_error(f"hyper-parameter(s) in overrides.{m}:", unknown, EditHparams.keys())
+        for m in self.methods:
+            base, _, addon = m.partition("-")
+            over = self.overrides_for(m)
+            if addon:
+                over["base"] = addon
+            over.pop("layers", None)  # may be a "4-8" string, parsed by the wrapper
+            try:
+                load_hparams(base, self.hparams.get(m), model_name=str(self.model or "smollm2-135m-instruct"),
+                             overrides=over)
+            except (ValueError, TypeError, FileNotFoundError) as exc:
+                raise ConfigError(f"{m}: {exc}") from None
+
+    def overrides_for(self, method: str) -> dict:
+        return {**self.overrides.get(ALL_METHODS, {}), **self.overrides.get(method, {})}
+
+    def _validate_model_path(self) -> None:
+        if self.model is None:
+            return
+        text = str(self.model)
+        looks_local = text.endswith(".gguf") or text.startswith(("/", "./", "../", "~"))
+        if looks_local and not Path(text).expanduser().exists():
+            raise ConfigError(f"model {text}: no such file or directory (a hub id looks like org/name)")
+
+    def _validate_edit_data(self) -> None:
+        from harness.data import load_edit_data
+
+        available = len(load_edit_data(self.edit_data, zsre_target=self.zsre_target))
+        if self.num_edits > available:
+            raise ConfigError(
+                f"num_edits={self.num_edits} but {self.edit_data} holds {available} records; lower num_edits "
+                "or point edit_data at the full data (edit_data=counterfact:full, or a file path)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -216,7 +302,7 @@ def method_lock(method_dir: Path):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SystemExit(f"{method_dir.name} is being run by another process (it holds {method_dir / '.lock'}); "
+            raise ConfigError(f"{method_dir.name} is being run by another process (it holds {method_dir / '.lock'}); "
                              "give each process a different --only") from None
         yield
 
@@ -253,22 +339,31 @@ class SequentialRun:
         # or machines shares one config and one output directory, each taking different methods
         unknown = [m for m in only or [] if m not in cfg.methods]
         if unknown:
-            raise SystemExit(f"--only {','.join(unknown)}: not among this run's methods ({', '.join(cfg.methods)}); "
+            raise ConfigError(f"--only {','.join(unknown)}: not among this run's methods ({', '.join(cfg.methods)}); "
                              "--only selects from the config's methods, --methods changes them")
         self.methods = [m for m in cfg.methods if m in (only or cfg.methods)]
 
     # -- manifest / config guard
+    # where the run lives and where caches go do not change its results: a run directory moved
+    # or copied elsewhere resumes
+    PLACE_KEYS = ("output_dir", "cache_dir")
+
     def _check_or_write_manifest(self) -> None:
         path = self.out / "manifest.json"
         if path.exists():
-            old = json.loads(path.read_text())
-            if old.get("config") != json.loads(json.dumps(self.cfg.to_dict())):
-                diff = sorted(k for k in self.cfg.to_dict() if old.get("config", {}).get(k) != self.cfg.to_dict()[k])
-                raise SystemExit(
+            try:
+                old = json.loads(path.read_text()).get("config", {})
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                raise ConfigError(f"{path} is damaged (not a JSON manifest); restore it from a copy, or remove "
+                                  "it to adopt this directory with the current config") from None
+            new = json.loads(json.dumps(self.cfg.to_dict()))
+            diff = sorted(k for k in set(new) | set(old) if k not in self.PLACE_KEYS and old.get(k) != new.get(k))
+            if diff:
+                raise ConfigError(
                     f"{self.out} already holds a run with a different config (differs in: {', '.join(diff)}); "
                     "refusing to mix them: choose another --output_dir or restore the original config")
             if not self.resume:
-                raise SystemExit(f"{self.out} already holds this run; add --resume to continue it")
+                raise ConfigError(f"{self.out} already holds this run; add --resume to continue it")
             return
         manifest = {
             "config": self.cfg.to_dict(),
@@ -307,7 +402,7 @@ class SequentialRun:
         base, _, addon = method.partition("-")
         cls = get_model(f"{base}_hf")
         assert issubclass(cls, EditingLM)
-        overrides = dict(self.cfg.overrides.get(method, {}))
+        overrides = self.cfg.overrides_for(method)
         if addon:
             overrides["base"] = addon
         return cls(
@@ -330,8 +425,6 @@ class SequentialRun:
         state_path = mdir / "state" / "edit_state.pt"
         trace_path = mdir / "trace.jsonl"
         lm = self._build_lm(method)
-        if cfg.num_edits > len(lm.stream):
-            raise SystemExit(f"{cfg.num_edits} edits requested but {cfg.edit_data} holds {len(lm.stream)} records")
         done = 0
         if state_path.exists():
             state = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -513,39 +606,113 @@ def _comma_list(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
 
+FLAG_HELP = {
+    "model": "pretrained model: hub id, local directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    "model_name": "model name in results and tables",
+    "methods": "comma-separated editing methods (lyaplock-<base> for the add-on)",
+    "edit_data": "counterfact | zsre (bundled samples), counterfact:full | zsre:full, or a file path",
+    "num_edits": "edits applied in the run (0: only the pre-edited model)",
+    "edit_batch_size": "edits per batch",
+    "eval_every": "edits between evaluations (a multiple of --edit_batch_size)",
+    "tasks": "comma-separated lm-eval tasks",
+    "limit": "documents per general-capability task (editing tasks score every edited record)",
+    "num_fewshot": "few-shot examples (the tasks' own setting when unset)",
+    "eval_batch_size": "lm-eval batch size",
+    "task_metadata": "metadata passed to the tasks, as JSON",
+    "confirm_run_unsafe_code": "allow the code tasks to run model-written programs (in the sandbox)",
+    "log_samples": "keep per-document samples next to each checkpoint",
+    "hparams": 'per-method hyper-parameter file or name, as JSON ({"memit": "smollm2-135m"})',
+    "overrides": 'hyper-parameter overrides for every method (alpha=10,l2=5) or per method as JSON '
+                 '({"lyaplock": {"alpha": 10}})',
+    "output_dir": "run directory",
+    "seed": "seed of every random draw",
+    "save_every": "batches between saved edit states",
+    "dtype": "model dtype",
+    "device": "torch device (cuda when available, else cpu)",
+    "cache_dir": "cache for statistics and dequantised models ($SEQEDIT_CACHE or ~/.cache/seqedit)",
+    "zsre_target": "ZsRE edit target: answers (ROME/MEMIT/AlphaEdit/LyapLock) or alt (EasyEdit)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seqedit run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="run config YAML (flags override its fields)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output_dir")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--config", help="run config YAML; flags override its fields (default: none)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output_dir (default: off)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar (default: shown)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a configuration or data error (default: one line)")
     p.add_argument("--only", type=_comma_list, default=None,
                    help="comma-separated subset of the config's methods for this process (split one run "
-                        "over processes or machines; each takes different methods, all use --resume)")
+                        "over processes or machines; each takes different methods, all use --resume) "
+                        "(default: all)")
+    defaults = RunConfig()
     for f in dataclasses.fields(RunConfig):
         flag = f"--{f.name}"
+        default = getattr(defaults, f.name)
+        shown = ",".join(default) if isinstance(default, list) else json.dumps(default) if isinstance(default, dict) else default
+        if f.name in ("confirm_run_unsafe_code", "log_samples"):
+            shown = "off"
+        help_text = f"{FLAG_HELP[f.name]} (default: {'none' if shown is None else shown})".replace("%", "%%")
         if f.name in ("methods", "tasks"):
-            p.add_argument(flag, type=_comma_list, help=f"comma-separated {f.name}")
-        elif f.name in ("task_metadata", "hparams", "overrides"):
-            p.add_argument(flag, type=json.loads, help=f"{f.name} as JSON")
+            p.add_argument(flag, type=_comma_list, help=help_text)
+        elif f.name == "overrides":
+            p.add_argument(flag, type=_overrides_arg, help=help_text)
+        elif f.name in ("task_metadata", "hparams"):
+            p.add_argument(flag, type=_json_arg(f.name), help=help_text)
         elif f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", default=None)
+            p.add_argument(flag, action="store_true", default=None, help=help_text)
         elif f.type in ("int", "int | None"):
-            p.add_argument(flag, type=int)
+            p.add_argument(flag, type=int, help=help_text)
         else:
-            p.add_argument(flag)
+            p.add_argument(flag, help=help_text)
     return p
+
+
+def _json_arg(name: str):
+    def parse(text: str):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not JSON ({exc.msg} at character {exc.pos})") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"expected a JSON object, got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+def _overrides_arg(text: str):
+    """JSON per method, or ``key=value,...`` for every method of the run (stored under ``"*"``)."""
+    if text.lstrip().startswith("{"):
+        return _json_arg("overrides")(text)
+    pairs = {}
+    for item in _comma_list(text):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"expected key=value, got {item!r}")
+        pairs[key.strip()] = yaml.safe_load(value)
+    return {ALL_METHODS: pairs}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cli = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
-    cfg = RunConfig.from_sources(args.config, cli)
     from harness.editors.guard import NonFiniteUpdateError
 
+    cfg = None
     try:
+        cfg = RunConfig.from_sources(args.config, cli)
         out = SequentialRun(cfg, resume=args.resume, progress=not args.no_progress, only=args.only).run()
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"seqedit run: error: {exc}", file=sys.stderr)
+        return 2
     except NonFiniteUpdateError as exc:
+        if args.debug:
+            raise
         print(f"seqedit run: error: {exc} The run directory {cfg.output_dir} keeps every checkpoint "
               "and the edit state of the last good batch: --resume continues from there (a transient "
               "fault); other hyper-parameters need another --output_dir.", file=sys.stderr)

@@ -15,11 +15,13 @@ import json
 import os
 from pathlib import Path
 
+from harness.errors import UserError
+
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 CACHE_VERSION, CACHE_HASH = "0.0.0", "seqedit-local-copy"
 
 
-class HubDataUnavailable(RuntimeError):
+class HubDataUnavailable(UserError, RuntimeError):
     """Hub datasets that the requested tasks need are neither reachable nor cached."""
 
 

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import harness
+from harness.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ DTYPES = {
 }
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     pass
 
 

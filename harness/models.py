@@ -12,6 +12,7 @@ papers' "pre-edited" row); ``apply_edits`` continues the stream later on the sam
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
@@ -24,6 +25,7 @@ from harness import generation, session
 from harness.data import load_edit_data
 from harness.editors import editor_class
 from harness.editors.hparams import EditHparams, load_hparams
+from harness.errors import ConfigError, unknown_names_error
 from harness.loading import load_model
 
 log = logging.getLogger(__name__)
@@ -40,10 +42,26 @@ def _parse_layers(value):
     if isinstance(value, int):
         return [value]
     text = str(value).strip()
-    if "-" in text and "|" not in text:
-        lo, hi = (int(x) for x in text.split("-"))
-        return list(range(lo, hi + 1))
-    return [int(x) for x in text.replace("|", " ").split()]
+    try:
+        if "-" in text and "|" not in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            return list(range(lo, hi + 1))
+        return [int(x) for x in text.replace("|", " ").split()]
+    except ValueError:
+        raise ConfigError(f"layers={value!r}: expected a range (4-8) or layer numbers (4|5|6)") from None
+
+
+def _count_argument(name: str, value, minimum: int, allow_none: bool = False):
+    """A whole number given as an int or a string of digits (lm-eval passes model args as text)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 def _resolve_device(device):
@@ -77,42 +95,66 @@ class EditingLM(HFLM):
         batch_size=8,
         **kwargs,
     ):
+        self._check_argument_names(kwargs)
         hp_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in EditHparams.keys()}
         if "layers" in hp_overrides:
             hp_overrides["layers"] = _parse_layers(hp_overrides["layers"])
+        n_requested = _count_argument("num_edits", num_edits, minimum=0, allow_none=True)
+        self.edit_batch_size = _count_argument("edit_batch_size", edit_batch_size, minimum=1)
+        if zsre_target not in ("answers", "alt"):
+            raise ConfigError(f"zsre_target must be 'answers' or 'alt', got {zsre_target!r}")
+        # data and hyper-parameters first: a mistake in either costs no model load
+        self.edit_data = str(edit_data)
+        self.stream = load_edit_data(self.edit_data, limit=None, zsre_target=zsre_target)
+        if n_requested is not None and n_requested > len(self.stream):
+            raise ConfigError(
+                f"num_edits={n_requested} but {self.edit_data} holds {len(self.stream)} records; lower "
+                "num_edits or point edit_data at the full data (counterfact:full, zsre:full or a file path)")
+        if isinstance(pretrained, str) or pretrained is None:
+            model_name = str(pretrained or "smollm2-135m-instruct")
+        else:  # an already loaded transformers model (Python use, tests)
+            if tokenizer is None:
+                raise ConfigError("pass tokenizer= together with an already loaded model")
+            model_name = getattr(pretrained.config, "_name_or_path", "") or type(pretrained).__name__
+        try:
+            self.hparams = load_hparams(self.method, hparams, model_name=model_name, overrides=hp_overrides)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            raise ConfigError(f"{self.method}_hf: {exc}") from None
         if isinstance(pretrained, str) or pretrained is None:
             model, tok = load_model(pretrained, dtype=dtype, device=_resolve_device(device),
                                     device_map=device_map, gguf_file=gguf_file)
-            model_name = str(pretrained or "smollm2-135m-instruct")
-        else:  # an already loaded transformers model (Python use, tests)
+        else:
             model, tok = pretrained, tokenizer
-            if tok is None:
-                raise ValueError("pass tokenizer= together with an already loaded model")
-            model_name = getattr(model.config, "_name_or_path", "") or type(model).__name__
         kwargs.pop("trust_remote_code", None)
         kwargs.pop("max_batch_size", None) if kwargs.get("max_batch_size") is None else None
         super().__init__(pretrained=model, tokenizer=tok, batch_size=batch_size, backend="causal", **kwargs)
         self.model_name = model_name
-        self.hparams = load_hparams(self.method, hparams, model_name=model_name, overrides=hp_overrides)
         self.editor = editor_class(self.method)(self._model, self.tokenizer, self.hparams,
                                                 cache_dir=cache_dir, seed=seed, progress=progress)
-        self.edit_data = str(edit_data)
-        self.edit_batch_size = int(edit_batch_size)
-        if self.edit_batch_size < 1:
-            raise ValueError(f"edit_batch_size must be >= 1, got {edit_batch_size}")
         self.zsre_target = zsre_target
         self.progress = progress
         self.seed = seed
         self.edited_requests: list = []
         self.trace: list[dict] = []
-        self.stream = load_edit_data(self.edit_data, limit=None, zsre_target=zsre_target)
         self.edited_dataset = self.stream[0].dataset if self.stream else None
         session.register_editor(self)
-        n = len(self.stream) if num_edits is None else int(num_edits)
-        if n > len(self.stream):
-            load_edit_data(self.edit_data, limit=n, zsre_target=zsre_target)  # raises with the fix
+        n = len(self.stream) if n_requested is None else n_requested
         if n:
             self.apply_edits(self.stream[:n])
+
+    @classmethod
+    def valid_argument_names(cls) -> set[str]:
+        """What ``--model_args`` may hold: this wrapper's own arguments, the editing
+        hyper-parameters and lm-eval's HFLM arguments."""
+        own = set(inspect.signature(EditingLM.__init__).parameters)
+        hf = set(inspect.signature(getattr(HFLM.__init__, "__wrapped__", HFLM.__init__)).parameters)
+        return (own | hf | EditHparams.keys()) - {"self", "kwargs", "args"}
+
+    def _check_argument_names(self, kwargs: dict) -> None:
+        valid = self.valid_argument_names()
+        unknown = set(kwargs) - valid
+        if unknown:
+            raise unknown_names_error(f"argument(s) of {self.method}_hf:", unknown, valid)
 
     # ------------------------------------------------------------------ editing
     def apply_edits(self, requests, batch_size: int | None = None, on_batch=None) -> list[dict]:

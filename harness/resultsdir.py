@@ -21,6 +21,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.errors import UserError
+
 MANIFEST_FILE = "manifest.json"
 TRACE_FILE = "trace.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
@@ -34,7 +36,7 @@ UNAVAILABLE_NOTE = "unavailable, not reported: "
 DEFAULT_FILTER = "none"
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """A path is not a readable run directory, or a file in it is malformed."""
 
 

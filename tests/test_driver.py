@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness.errors import ConfigError
 from harness.testing import tiny_model
 
 TINY = dict(layers=[1, 2], v_num_grad_steps=4, stats_samples=30, stats_max_tokens=48,
@@ -142,12 +143,12 @@ def test_only_selects_from_the_config_and_one_process_per_method(tiny_dir, tmp_p
 
     cfg = RunConfig(model=str(tiny_dir), methods=["memit", "lyaplock"], num_edits=0, eval_every=2,
                     edit_batch_size=2, tasks=["counterfact_edit_scores"], output_dir=str(tmp_path / "run"))
-    with pytest.raises(SystemExit, match="--only rome: not among this run's methods"):
+    with pytest.raises(ConfigError, match="--only rome: not among this run's methods"):
         SequentialRun(cfg, only=["rome"])
     assert SequentialRun(cfg, only=["lyaplock"]).methods == ["lyaplock"]
     assert SequentialRun(cfg).methods == ["memit", "lyaplock"]
     with method_lock(tmp_path / "run" / "memit"):  # another process working on memit
-        with pytest.raises(SystemExit, match="memit is being run by another process"):
+        with pytest.raises(ConfigError, match="memit is being run by another process"):
             SequentialRun(cfg, only=["memit"], progress=False).run()
     assert not (tmp_path / "run" / "memit" / "checkpoints").exists()
     with method_lock(tmp_path / "run" / "memit"):  # released when the holder is done
@@ -162,9 +163,9 @@ def test_refuses_to_mix_configs(tiny_dir, tmp_path):
     (tmp_path / "run").mkdir()
     SequentialRun(cfg)._check_or_write_manifest()
     other = RunConfig(**{**cfg.to_dict(), "num_edits": 4})
-    with pytest.raises(SystemExit, match="different config.*num_edits"):
+    with pytest.raises(ConfigError, match="different config.*num_edits"):
         SequentialRun(other, resume=True)._check_or_write_manifest()
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(ConfigError, match="--resume"):
         SequentialRun(cfg)._check_or_write_manifest()
 
 

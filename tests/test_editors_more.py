@@ -298,7 +298,7 @@ def test_prune_restraint_acts_once_the_update_passes_the_bound_and_not_before(re
             assert rec["layers"]["2"]["compressed_singular_values"] >= 1
             assert rec["layers"]["1"]["compressed_singular_values"] == 0
     assert seen_below >= 3 and seen_above >= 2
-    with pytest.raises(ValueError, match="unknown hparams keys"):
+    with pytest.raises(ValueError, match="unknown hyper-parameter"):
         make_editor("prune", cache_dir, prune_every=2)  # gone: the restraint never feeds back
 
 

@@ -37,7 +37,7 @@ def test_hparams_inherit_match_and_reject_typos():
     assert hp.mom2_update_weight == 1000 and hp.layers == [3, 4, 5, 6, 7] and hp.alpha == 60
     assert load_hparams("memit", model_name="gpt2-xl").layers == [13, 14, 15, 16, 17]
     assert load_hparams("alphaedit", "llama3-8b").l2 == 10.0
-    with pytest.raises(ValueError, match="unknown hparams keys"):
+    with pytest.raises(ValueError, match="unknown hyper-parameter"):
         load_hparams("memit", "smollm2-135m", overrides={"mom2_updat_weight": 1})
     with pytest.raises(ValueError, match="hparams="):
         load_hparams("memit", model_name="bert-base")

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from harness import cache_root
+from harness.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,11 @@ DOWNLOAD_URLS = {
 }
 
 
-class MalformedRecordError(ValueError):
+class MalformedRecordError(UserError, ValueError):
     """A record lacks a field, has an empty target, or a prompt without ``{}``."""
 
 
-class DataSourceError(FileNotFoundError):
+class DataSourceError(UserError, FileNotFoundError):
     """No local copy, data directory or download could provide a dataset."""
 
 

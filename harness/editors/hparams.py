@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from harness.errors import ConfigError, unknown_names_error
+
 HPARAMS_DIR = Path(__file__).resolve().parent.parent / "configs" / "hparams"
 
 
@@ -96,7 +98,7 @@ def family_for_model(method: str, model_name: str) -> str:
             data = yaml.safe_load(fh) or {}
         if any(m.lower() in name for m in data.get("match", [])):
             return stem
-    raise ValueError(
+    raise ConfigError(
         f"no {method} hyper-parameters match model {model_name!r}; pass hparams=<name> "
         f"(one of {available(method)}) or hparams=/path/to/file.yaml"
     )
@@ -113,12 +115,65 @@ def load_hparams(method: str, hparams: str | os.PathLike | dict | None = None,
         if not path.suffix:
             path = HPARAMS_DIR / method / f"{hparams}.yaml"
         if not path.exists():
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"hparams {hparams!r} not found for {method}; available: {available(method)}"
             )
         data = _read(path)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = set(data) - EditHparams.keys()
     if unknown:
-        raise ValueError(f"unknown hparams keys {sorted(unknown)}; known: {sorted(EditHparams.keys())}")
-    return EditHparams(**data)
+        raise unknown_names_error("hyper-parameter(s)", unknown, EditHparams.keys())
+    return EditHparams(**{k: _typed(k, v) for k, v in data.items()})
+
+
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(EditHparams)}
+
+
+def _typed(key: str, value):
+    """``value`` as the field's type (a number written ``5e-4`` is a string to YAML 1.1), or an
+    error naming the key: a wrong type must not surface as a crash in the middle of an edit."""
+    kind = _FIELD_TYPES[key]
+    optional = kind.endswith("| None")
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"hyper-parameter {key} may not be null")
+    base = kind.removesuffix(" | None")
+
+    def number(v, integer):
+        if isinstance(v, str):
+            try:
+                v = int(v) if integer and v.strip().lstrip("-").isdigit() else float(v)
+            except ValueError:
+                return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return None
+        if integer:
+            return v if isinstance(v, int) else (int(v) if float(v).is_integer() else None)
+        return float(v)
+
+    if base in ("int", "float"):
+        out = number(value, base == "int")
+        if out is None:
+            raise ConfigError(f"hyper-parameter {key} must be {'a whole number' if base == 'int' else 'a number'}, got {value!r}")
+        return out
+    if base == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"hyper-parameter {key} must be text, got {value!r}")
+        return value
+    if base == "list[int]":
+        if not isinstance(value, list) or not value or any(number(v, True) is None for v in value):
+            raise ConfigError(f"hyper-parameter {key} must be a non-empty list of whole numbers, got {value!r}")
+        return [number(v, True) for v in value]
+    if base == "list[list[int]]":
+        if not isinstance(value, list) or any(not isinstance(g, list) or len(g) != 2 or any(number(v, True) is None for v in g) for g in value):
+            raise ConfigError(f"hyper-parameter {key} must be a list of [max_length, count] pairs, got {value!r}")
+        return [[number(v, True) for v in g] for g in value]
+    if base == "str | float":
+        if isinstance(value, str):
+            return value
+        out = number(value, False)
+        if out is None:
+            raise ConfigError(f"hyper-parameter {key} must be a number or a named rule, got {value!r}")
+        return out
+    return value

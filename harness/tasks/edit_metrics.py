@@ -65,6 +65,7 @@ from harness.data.edits import (
     load_edit_data,
     load_zsre,
 )
+from harness.errors import UserError
 from harness.session import active_editor
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ ROME_DATA_ENV = "SEQEDIT_ROME_DATA_DIR"
 _TERM = re.compile(r"(?u)\b\w\w+\b")
 
 
-class ReferenceDataUnavailable(FileNotFoundError):
+class ReferenceDataUnavailable(UserError, FileNotFoundError):
     """The ROME TF-IDF statistics or attribute snippets are not on this machine."""
 
 
@@ -369,11 +370,11 @@ DATASET_TITLES = {"counterfact": "CounterFact", "zsre": "ZsRE"}
 DATASET_TASKS = {"counterfact": "counterfact_edit", "zsre": "zsre_edit"}
 
 
-class EditDatasetMismatchError(ValueError):
+class EditDatasetMismatchError(UserError, ValueError):
     """The editing model edited another dataset than the task scores."""
 
 
-class TokenizerNotFoundError(ValueError):
+class TokenizerNotFoundError(UserError, ValueError):
     """No tokenizer to count and decode target tokens with."""
 
 
