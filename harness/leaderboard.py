@@ -39,6 +39,7 @@ from harness.resultsdir import (
 
 PRE_EDITED = "Pre-edited"
 MISSING = "—"  # an unavailable metric is shown as unavailable, never as zero
+NOT_A_NUMBER = "NaN"  # a metric the run computed as NaN/Inf: shown, never ranked
 EDITING_DECIMALS = 2
 GENERAL_DECIMALS = 3
 
@@ -111,6 +112,7 @@ def build_leaderboard(runs: list[RunDir], edits: int | None = None) -> Leaderboa
         if 0 not in m.checkpoints:
             notes.append(f"{m.run_path.name}/{m.method}: no pre-edited checkpoint (edits_000000)")
     notes += unavailable_notes(method_runs, edits)
+    notes += non_finite_notes(method_runs)
     tables = [
         editing_table(method_runs, edits, notes),
         general_table(method_runs, edits, notes),
@@ -135,6 +137,22 @@ def unavailable_notes(method_runs: list[MethodRun], edits: int) -> list[str]:
         f"reported for {', '.join(dict.fromkeys(methods))}: {reason}"
         for (key, reason), methods in methods_by_reason.items()
     ]
+
+
+def non_finite_notes(method_runs: list[MethodRun]) -> list[str]:
+    """Every checkpoint metric that is NaN/Inf, by method (a numerical fault, or a metric such as
+    MCC undefined on the documents scored): the tables show it as such and never rank it."""
+    notes = []
+    for m in method_runs:
+        for edits in m.checkpoints:
+            faulty = [key for key, v in {**m.editing_at(edits), **m.general_at(edits)}.items() if not v.finite]
+            if faulty:
+                names = ", ".join(k.label if isinstance(k, GeneralMetric) else EDITING_METRIC_BY_KEY[k].label
+                                  for k in faulty)
+                notes.append(f"{m.run_path.name}/{m.method} at {edits} edits: {names} computed as NaN/Inf "
+                             f"(a numerical fault in the run, "
+                             f"or a metric undefined on these documents; shown as {NOT_A_NUMBER!r}, not ranked)")
+    return notes
 
 
 def default_edits(method_runs: list[MethodRun]) -> int:
@@ -205,7 +223,7 @@ def general_table(method_runs: list[MethodRun], edits: int, notes: list[str]) ->
             continue
         reference = next(r for r in rows if r.reference and r.model == row.model)
         for key, value in row.values.items():
-            if key in reference.values:
+            if key in reference.values and value.finite and reference.values[key].finite:
                 change = relative_change(value.mean, reference.values[key].mean)
                 if change is not None:
                     row.change[key] = change
@@ -279,7 +297,7 @@ def _mark_best(columns: list[Column], rows: list[Row]) -> None:
             # compare what is displayed, so two cells that read the same are both marked
             shown = {
                 id(r): round(r.values[col.key].mean, col.decimals)
-                for r in candidates if col.key in r.values
+                for r in candidates if col.key in r.values and r.values[col.key].finite
             }
             if not shown:
                 continue
@@ -304,6 +322,8 @@ def cell_text(table: Table, row: Row, col: Column) -> str:
     value: Measurement | None = row.values.get(col.key)
     if value is None:
         return MISSING
+    if not value.finite:
+        return NOT_A_NUMBER
     text = f"{value.mean:.{col.decimals}f}"
     if table.show_stderr and value.stderr is not None:
         text += f" ± {value.stderr:.{col.decimals}f}"
@@ -386,6 +406,8 @@ def table_to_html(table: Table) -> str:
             text = e(cell_text(table, row, col))
             if col.key in row.best:
                 cells.append(f'<td class="num best"><strong>{text}</strong></td>')
+            elif col.key in row.values and not row.values[col.key].finite:
+                cells.append(f'<td class="num fault" title="the run computed NaN/Inf: not ranked">{text}</td>')
             else:
                 cells.append(f'<td class="num">{text}</td>')
         body.append(f'<tr class="{" ".join(classes)}">' + "".join(cells) + "</tr>")
@@ -418,6 +440,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.reference { background: #f6f6f6; font-style: italic; }
 tr.block-start > * { border-top: 2px solid #777; }
 td.best { background: #e3f4e1; }
+td.fault { background: #fbe0e0; color: #a00; font-weight: 600; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.15rem 1rem;
      font-size: 0.85rem; color: #444; }
 dt { font-weight: 600; } dd { margin: 0; }

@@ -107,16 +107,28 @@ def build_series(runs: list[RunDir]) -> list[Series]:
     return series
 
 
-def _checkpoint_points(run: MethodRun, extract: Callable, key) -> tuple[list, list, list]:
-    """``extract`` is ``MethodRun.editing_at`` or ``MethodRun.general_at``."""
-    xs, means, errs = [], [], []
+def _checkpoint_points(run: MethodRun, extract: Callable, key) -> tuple[list, list, list, list]:
+    """``extract`` is ``MethodRun.editing_at`` or ``MethodRun.general_at``. The fourth list holds
+    the checkpoints whose value is NaN/Inf: marked on the axis, never drawn as a value."""
+    xs, means, errs, faults = [], [], [], []
     for edits in run.checkpoints:
         value = extract(run, edits).get(key)
-        if value is not None:
-            xs.append(edits)
-            means.append(value.mean)
-            errs.append(value.stderr)
-    return xs, means, errs
+        if value is None:
+            continue
+        if not value.finite:
+            faults.append(edits)
+            continue
+        xs.append(edits)
+        means.append(value.mean)
+        errs.append(value.stderr)
+    return xs, means, errs, faults
+
+
+def _mark_faults(ax, faults: list, color) -> None:
+    """A red cross on the x axis at each checkpoint that computed NaN/Inf."""
+    if faults:
+        ax.scatter(faults, [0.03] * len(faults), marker="x", s=60, color="red",
+                   transform=ax.get_xaxis_transform(), zorder=5, label="NaN/Inf (fault)", clip_on=False)
 
 
 # ---------------------------------------------------------------------------- figures
@@ -158,14 +170,15 @@ def editing_figure(model: str, series: list[Series]) -> Plot | None:
     editing = MethodRun.editing_at
     specs = [
         s for s in EDITING_METRICS
-        if any(_checkpoint_points(x.run, editing, s.key)[0] for x in series)
+        if any(any(_checkpoint_points(x.run, editing, s.key)[::3]) for x in series)
     ]
     if not specs:
         return None
     fig, axes = _grid(len(specs), f"Editing metrics vs number of edits: {model}")
     for ax, spec in zip(axes, specs):
         for line in series:
-            xs, means, errs = _checkpoint_points(line.run, editing, spec.key)
+            xs, means, errs, faults = _checkpoint_points(line.run, editing, spec.key)
+            _mark_faults(ax, faults, line.color)
             if not xs:
                 continue
             ax.plot(xs, means, marker="o", markersize=3, color=line.color,
@@ -178,7 +191,8 @@ def editing_figure(model: str, series: list[Series]) -> Plot | None:
     _finish(fig, axes)
     return Plot(_stem(model, "editing_metrics"), f"Editing metrics: {model}",
                 "Mean over the edited records at each evaluated checkpoint (0 = pre-edited); "
-                "shaded: ± one standard error.", fig, model)
+                "shaded: ± one standard error; a red cross on the axis: the run computed NaN/Inf "
+                "there (see the notes).", fig, model)
 
 
 def preservation_figure(model: str, series: list[Series]) -> Plot | None:
@@ -318,7 +332,8 @@ def general_figure(model: str, series: list[Series]) -> Plot | None:
     fig, axes = _grid(len(metrics), f"General capability vs number of edits: {model}")
     for ax, metric in zip(axes, metrics):
         for line in series:
-            xs, means, _ = _checkpoint_points(line.run, general, metric)
+            xs, means, _, faults = _checkpoint_points(line.run, general, metric)
+            _mark_faults(ax, faults, line.color)
             if xs:
                 ax.plot(xs, means, marker="o", markersize=3, color=line.color,
                         linestyle=line.linestyle, label=line.label)

@@ -42,8 +42,12 @@ class RunDirError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Measurement:
-    mean: float
+    mean: float  # NaN/Inf where the results file says so: a numerical fault, shown as such
     stderr: float | None = None
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.mean)
 
 
 @dataclass(frozen=True)
@@ -384,20 +388,26 @@ def _number(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _metric_keys(task_metrics: dict) -> list[str]:
-    """The ``"<metric>,<filter>"`` keys holding values (not stderrs, not the alias)."""
+    """The ``"<metric>,<filter>"`` keys holding values (not stderrs, not the alias); a NaN is a
+    value (a fault to show), "N/A" and null are not (unavailable)."""
     keys = []
     for key, value in task_metrics.items():
         name, sep, _ = key.partition(",")
-        if sep and not name.endswith(STDERR_SUFFIX) and _number(value) is not None:
+        if sep and not name.endswith(STDERR_SUFFIX) and _is_number(value):
             keys.append(key)
     return keys
 
 
 def _measurement_by_key(task_metrics: dict, key: str) -> Measurement | None:
-    mean = _number(task_metrics.get(key))
-    if mean is None:
+    value = task_metrics.get(key)
+    if not _is_number(value):
         return None
+    mean = float(value)
     name, _, filt = key.partition(",")
     return Measurement(mean, _number(task_metrics.get(f"{name}{STDERR_SUFFIX},{filt}")))
 

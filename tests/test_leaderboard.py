@@ -520,8 +520,11 @@ def test_general_metrics_use_reporting_groups_and_skip_editing_tasks():
                            "edit_glue": ["edit_glue_rte"], "edit_glue_rte": []},
     })
     general = checkpoint.general()
+    # "N/A" is unavailable (left out); a NaN is kept, as a value that is not finite (shown, not ranked)
     assert set(general) == {GeneralMetric("mmlu", "acc,none"),
-                            GeneralMetric("edit_glue_rte", "f1_generation,none")}
+                            GeneralMetric("edit_glue_rte", "f1_generation,none"),
+                            GeneralMetric("edit_glue_rte", "mcc,none")}
+    assert not general[GeneralMetric("edit_glue_rte", "mcc,none")].finite
     assert general[GeneralMetric("mmlu", "acc,none")].stderr == 0.01
     assert general[GeneralMetric("edit_glue_rte", "f1_generation,none")].stderr is None
     assert checkpoint.editing()["counterfact/efficacy"].mean == 90.0
@@ -576,3 +579,45 @@ def test_unfinished_run_lists_what_is_missing(tmp_path):
     assert "cf/rome: no evaluated checkpoint at 50 edits (has none); its cells are —" in board.notes
     rome = row_of(board.tables[0], "rome", SMOLLM)
     assert all(t == "—" for t in texts(board.tables[0], rome).values())
+
+
+def test_a_nan_metric_is_shown_as_a_fault_named_in_the_notes_and_never_ranked(tmp_path):
+    """json.dump writes a NaN efficacy as ``NaN``: before, it read as "not reported" (or, with an
+    older reader, ranked as best); now the cell says NaN, a note names it, nothing ranks it."""
+    run = write_run(tmp_path, "cf", SMOLLM, "counterfact", ["memit", "lyaplock"], 50, [0, 50])
+    path = run / "memit" / "checkpoints" / "edits_000050" / "results.json"
+    data = json.loads(path.read_text())
+    data["results"]["counterfact_edit_scores"]["efficacy,none"] = float("nan")
+    data["results"]["edit_glue_sst2"]["accuracy,none"] = float("inf")
+    path.write_text(json.dumps(data))
+    board = leaderboard.build_leaderboard(load_runs([run]))
+    editing, general = board.tables
+    memit, lyaplock = row_of(editing, "memit", SMOLLM), row_of(editing, "lyaplock", SMOLLM)
+    eff = next(c for c in editing.columns if c.title == "CounterFact Eff.")
+    assert texts(editing, memit)["CounterFact Eff."] == leaderboard.NOT_A_NUMBER
+    assert eff.key not in memit.best and eff.key in lyaplock.best
+    acc = next(c for c in general.columns if c.title == "edit_glue_sst2 accuracy")
+    g_memit = row_of(general, "memit", SMOLLM, "counterfact")
+    assert leaderboard.cell_text(general, g_memit, acc) == leaderboard.NOT_A_NUMBER
+    assert acc.key not in g_memit.best and acc.key not in g_memit.change
+    assert acc.key in row_of(general, "lyaplock", SMOLLM, "counterfact").best
+    notes = [n for n in board.notes if "NaN/Inf" in n]
+    assert notes == ["cf/memit at 50 edits: Eff., accuracy computed as NaN/Inf (a numerical fault in the "
+                     f"run, or a metric undefined on these documents; shown as {leaderboard.NOT_A_NUMBER!r}, "
+                     "not ranked)"]
+    markdown = leaderboard.table_to_markdown(editing)
+    assert f"| {leaderboard.NOT_A_NUMBER} |" in markdown and f"**{leaderboard.NOT_A_NUMBER}**" not in markdown
+    html_page = leaderboard.leaderboard_html(board)
+    assert f'<td class="num fault" title="the run computed NaN/Inf: not ranked">{leaderboard.NOT_A_NUMBER}</td>' in html_page
+    record = next(r for r in csv.DictReader(io.StringIO(leaderboard.table_to_csv(editing)))
+                  if r["Method"] == "memit")
+    assert record["CounterFact Eff."] == "nan" and record["CounterFact Eff. best"] == ""
+
+    from harness import report
+
+    plot = next(p for p in report.build_plots(load_runs([run])) if p.stem.endswith("editing_metrics"))
+    ax = next(a for a in plot.figure.axes if a.get_title() == "CounterFact efficacy")
+    crosses = [c for c in ax.collections if c.get_label() == "NaN/Inf (fault)"]
+    assert len(crosses) == 1 and crosses[0].get_offsets()[:, 0].tolist() == [50.0]
+    memit_line = next(line for line in ax.get_lines() if line.get_label() == "memit")
+    assert memit_line.get_xdata().tolist() == [0]  # the NaN point is not drawn as a value
