@@ -328,6 +328,104 @@ def memory_mb() -> dict:
 # ---------------------------------------------------------------------------- run
 
 
+def checkpoint_problem(path: Path, method: str, edits: int) -> str | None:
+    """Why the results file of a checkpoint cannot be used (None: it can). A file is complete when
+    it parses and says which method and point it belongs to; a truncated or foreign one is not."""
+    if not path.exists():
+        return "missing"
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        return f"{path.name} is damaged ({exc.__class__.__name__})"
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        return f"{path.name} holds no lm-eval results"
+    tag = data.get("seqedit") or {}
+    if tag.get("method") != method or tag.get("num_edits") != edits:
+        return f"{path.name} belongs to {tag.get('method')!r} at {tag.get('num_edits')!r} edits"
+    return None
+
+
+STATE_PREVIOUS = ".prev"
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def save_verified_state(obj, path: Path) -> None:
+    """Write the edit state atomically with a checksum beside it, keeping the previous state (and
+    its checksum) as ``<name>.prev``: a damaged state falls back one save instead of to nothing."""
+    from harness.loading import file_sha256
+
+    previous = path.with_name(path.name + STATE_PREVIOUS)
+    if path.exists():
+        os.replace(path, previous)
+        checksum = path.with_name(path.name + CHECKSUM_SUFFIX)
+        if checksum.exists():
+            os.replace(checksum, previous.with_name(previous.name + CHECKSUM_SUFFIX))
+    atomic_torch_save(obj, path)
+    atomic_write_text(path.with_name(path.name + CHECKSUM_SUFFIX), file_sha256(path) + "\n")
+
+
+def load_verified_state(path: Path) -> tuple[dict | None, str]:
+    """The newest edit state whose checksum matches and which loads; and what was found wrong on
+    the way (empty when nothing)."""
+    import torch
+
+    from harness.loading import file_sha256
+
+    found = []
+    for candidate in (path, path.with_name(path.name + STATE_PREVIOUS)):
+        if not candidate.exists():
+            continue
+        checksum = candidate.with_name(candidate.name + CHECKSUM_SUFFIX)
+        expected = checksum.read_text().strip() if checksum.exists() else None
+        if expected != file_sha256(candidate):
+            found.append(f"{candidate.name} does not match its checksum" if expected else
+                         f"{candidate.name} has no checksum (its save was cut short)")
+            continue
+        try:
+            state = torch.load(candidate, map_location="cpu", weights_only=False)
+            state["lm"]["edited_case_ids"], state["rng"]  # noqa: B018 - the parts resume needs
+        except Exception as exc:  # a file that cannot be read back is damaged, whatever the cause
+            found.append(f"{candidate.name} cannot be read ({exc.__class__.__name__})")
+            continue
+        if found:
+            found.append(f"resuming from {candidate.name} ({len(state['lm']['edited_case_ids'])} edits)")
+        return state, "; ".join(found)
+    if found:
+        found.append("no usable edit state: editing again from the start")
+    return None, "; ".join(found)
+
+
+def remove_stale_temporaries(directory: Path, recursive: bool = True, locked: bool = False) -> list[Path]:
+    """Remove the ``<file>.tmp<pid>`` copies that an atomic write killed half-way left behind.
+
+    In a method directory whose lock this process holds (``locked``) every such file is stale;
+    elsewhere only those whose writing process is gone."""
+    removed = []
+    if not directory.exists():
+        return removed
+    for tmp in (directory.rglob if recursive else directory.glob)("*.tmp*"):
+        suffix = tmp.name.rpartition(".tmp")[2]
+        if not suffix.isdigit() or not tmp.is_file():
+            continue
+        if not locked and _process_alive(int(suffix)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is not writing while it cleans
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class SequentialRun:
     def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True,
                  only: list[str] | None = None):
@@ -381,6 +479,7 @@ class SequentialRun:
         from tqdm.auto import tqdm
 
         self.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.out, recursive=False)
         self._check_or_write_manifest()
         cfg = self.cfg
         total = len(self.methods) * cfg.num_edits
@@ -412,11 +511,22 @@ class SequentialRun:
             zsre_target=self.cfg.zsre_target, progress=False, batch_size=self.cfg.eval_batch_size, **overrides)
 
     def _run_method(self, method: str) -> None:
-        import torch
 
         cfg = self.cfg
         mdir = self._method_dir(method)
-        if all(self._checkpoint_path(method, p).exists() for p in cfg.checkpoints()):
+        removed = remove_stale_temporaries(mdir, locked=True)
+        if removed:
+            self.bar.write(f"[{method}] removed {len(removed)} half-written file(s) a killed process left: "
+                           + ", ".join(str(r.relative_to(mdir)) for r in removed))
+        damaged = {}
+        for p in cfg.checkpoints():
+            why = checkpoint_problem(self._checkpoint_path(method, p), method, p)
+            if why is not None and why != "missing":
+                self.bar.write(f"[{method}] checkpoint at {p} edits: {why}; recomputing it")
+                self._checkpoint_path(method, p).unlink()
+            if why is not None:
+                damaged[p] = why
+        if not damaged:
             # every result is on disk: nothing to redo, even where state/ was not kept (a run
             # directory committed without its edit states and resumed on another machine)
             self.bar.write(f"[{method}] complete: all {len(cfg.checkpoints())} checkpoints on disk")
@@ -426,18 +536,29 @@ class SequentialRun:
         trace_path = mdir / "trace.jsonl"
         lm = self._build_lm(method)
         done = 0
-        if state_path.exists():
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state, state_report = load_verified_state(state_path)
+        if state_report:
+            self.bar.write(f"[{method}] {state_report}")
+        if state is not None:
+            saved_edits = len(state["lm"]["edited_case_ids"])
+            gaps = [p for p, why in damaged.items() if p < saved_edits]
+            if gaps:
+                self.bar.write(f"[{method}] the checkpoint at {gaps[0]} edits must be recomputed and the saved "
+                               f"state is at {saved_edits} edits: editing again from the start (the checkpoints "
+                               "on disk are kept)")
+                state = None
+        if state is not None:
             lm.load_edit_state(state["lm"])
             _set_rng_state(state["rng"])
             done = lm.num_edited
-            self._truncate_trace(trace_path, lm.editor.batches_done)
+            self._restore_trace(trace_path, lm.trace, method)
             log.info("%s: resumed after %d edits", method, done)
         else:
             trace_path.unlink(missing_ok=True)
             _seed_everything(cfg.seed)
         count_as_done_before(self.bar, done)
         stream = lm.stream[: cfg.num_edits]
+        lm.check_prompt_lengths(stream[done:])
         batches_since_save = 0
 
         def on_batch(record):
@@ -457,28 +578,39 @@ class SequentialRun:
             if point > done:
                 lm.apply_edits(stream[done:point], on_batch=on_batch)
                 done = point
-                self._save_state(lm, state_path)
-                batches_since_save = 0
+                if batches_since_save:  # the state at every checkpoint is saved (once)
+                    self._save_state(lm, state_path)
+                    batches_since_save = 0
             if point == done:
                 self._evaluate(lm, method, point)
 
     def _save_state(self, lm, path: Path) -> None:
-        atomic_torch_save({"lm": lm.edit_state(), "rng": _get_rng_state()}, path)
+        save_verified_state({"lm": lm.edit_state(), "rng": _get_rng_state()}, path)
 
-    @staticmethod
-    def _truncate_trace(path: Path, batches: int) -> None:
-        if not path.exists():
-            return
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        kept = []
-        for ln in lines:
-            try:
-                rec = json.loads(ln)
-            except json.JSONDecodeError:
-                break  # a line cut by the crash
-            if rec["batch"] < batches:
-                kept.append(ln)
-        atomic_write_text(path, "".join(k + "\n" for k in kept))
+    def _restore_trace(self, path: Path, saved: list[dict], method: str) -> None:
+        """Make trace.jsonl hold exactly the saved state's batches: lines after it (written before a
+        crash) are dropped, a line cut by the crash too, and lines missing from the file are
+        restored from the copy the state keeps (without the memory figures of the live run)."""
+        on_disk = {}
+        if path.exists():
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("batch"), int):
+                    on_disk.setdefault(record["batch"], record)
+        kept, restored = [], 0
+        for record in saved:
+            if record["batch"] in on_disk:
+                kept.append(on_disk[record["batch"]])
+            else:
+                kept.append(record)
+                restored += 1
+        if restored:
+            self.bar.write(f"[{method}] trace.jsonl lacked {restored} of {len(saved)} batches: restored from the "
+                           "saved state")
+        atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in kept))
 
     def _copy_pre_edited(self, method: str, path: Path) -> bool:
         """Before its first edit every method holds the same untouched model and is scored with the

@@ -22,7 +22,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
 from harness import generation, session
-from harness.data import load_edit_data
+from harness.data import MalformedRecordError, load_edit_data
 from harness.editors import editor_class
 from harness.editors.hparams import EditHparams, load_hparams
 from harness.errors import ConfigError, unknown_names_error
@@ -140,6 +140,7 @@ class EditingLM(HFLM):
         session.register_editor(self)
         n = len(self.stream) if n_requested is None else n_requested
         if n:
+            self.check_prompt_lengths(self.stream[:n])
             self.apply_edits(self.stream[:n])
 
     @classmethod
@@ -155,6 +156,31 @@ class EditingLM(HFLM):
         unknown = set(kwargs) - valid
         if unknown:
             raise unknown_names_error(f"argument(s) of {self.method}_hf:", unknown, valid)
+
+    def check_prompt_lengths(self, requests) -> None:
+        """Every text of ``requests`` must fit the model's context together with the longest
+        context template the editor prefixes: a longer one is an error naming its file and line,
+        before any edit (the model would otherwise see it truncated, or fail mid-run)."""
+        from harness.editors.stats import model_context_length
+
+        context = model_context_length(self._model)
+        prefix = max((length for length, _ in self.hparams.context_templates), default=0)
+        budget = context - prefix
+        fields, texts = [], []
+        for req in requests:
+            for field_name, text in req.texts().items():
+                fields.append((req, field_name))
+                texts.append(text)
+        for start in range(0, len(texts), 4096):
+            chunk = texts[start:start + 4096]
+            lengths = [len(ids) for ids in self.tokenizer(chunk, add_special_tokens=True)["input_ids"]]
+            for offset, length in enumerate(lengths):
+                if length > budget:
+                    req, field_name = fields[start + offset]
+                    where = req.source or f"{req.dataset} case_id {req.case_id!r}"
+                    raise MalformedRecordError(
+                        f"{where}: {field_name} is {length} tokens long; {self.model_name} takes {context} "
+                        f"tokens, {prefix} of them kept for the context templates, so at most {budget}")
 
     # ------------------------------------------------------------------ editing
     def apply_edits(self, requests, batch_size: int | None = None, on_batch=None) -> list[dict]:

@@ -215,3 +215,119 @@ def test_non_finite_statistics_are_an_error_not_a_cache_entry(tmp_path):
         load_or_compute_second_moments(model, architecture_for(model), tok, [1], "bundled", 12, 32, tmp_path,
                                        progress=False)
     assert not list(tmp_path.rglob("*.pt"))
+
+
+# ------------------------------------------------------------------------------ run state
+
+def _results(run_dir):
+    out = {}
+    for f in sorted(run_dir.glob("*/checkpoints/*/results.json")):
+        data = json.loads(f.read_text())
+        out[str(f.relative_to(run_dir))] = (data["results"], data["seqedit"]["edited_case_ids"])
+    return out
+
+
+def _batches(trace_path):
+    return [json.loads(line)["batch"] for line in trace_path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One complete 8-edit MEMIT run (checkpoints 0, 4, 8) that each test copies and damages."""
+    from harness.driver import main
+
+    root = tmp_path_factory.mktemp("state")
+    model, tok = tiny_model("llama")
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    cfg = dict(model=str(root / "model"), model_name="tiny-llama", methods=["memit"], edit_data="counterfact",
+               num_edits=8, edit_batch_size=2, eval_every=4, tasks=["counterfact_edit_scores"],
+               output_dir=str(root / "run"), seed=3, cache_dir=str(root / "cache"), device="cpu",
+               hparams={"memit": "smollm2-135m"}, overrides={"memit": FAST})
+    (root / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(root / "run.yaml"), "--no_progress"]) == 0
+    return root
+
+
+def _copy_and_resume(finished_run, tmp_path, damage, capsys, where="run"):
+    import shutil
+
+    from harness.driver import main
+
+    run = tmp_path / where
+    shutil.copytree(finished_run / "run", run)
+    damage(run / "memit")
+    cfg = yaml.safe_load((finished_run / "run.yaml").read_text())
+    cfg["output_dir"] = str(run)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    rc = main(["--config", str(tmp_path / "run.yaml"), "--no_progress", "--resume"])
+    return rc, run, capsys.readouterr()
+
+
+def _truncate(path):
+    path.write_text(path.read_text()[: len(path.read_text()) // 2])
+
+
+DAMAGES = {
+    "truncated": (lambda m: _truncate(m / "checkpoints/edits_000004/results.json"), "results.json is damaged"),
+    "deleted": (lambda m: (m / "checkpoints/edits_000004/results.json").unlink(), "checkpoint at 4 edits must be recomputed"),
+    "foreign": (lambda m: (m / "checkpoints/edits_000004/results.json").write_text(
+        (m / "checkpoints/edits_000008/results.json").read_text()), "belongs to 'memit' at 8 edits"),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_a_damaged_or_missing_checkpoint_in_the_middle_is_recomputed(kind, finished_run, tmp_path, capsys):
+    """Before: a truncated results.json counted as complete and a deleted one in the middle was
+    never recomputed. Now resume reports it and edits again from the start to recompute it (the
+    edit state is past it); the results equal the undamaged run's."""
+    damage, message = DAMAGES[kind]
+    rc, run, out = _copy_and_resume(finished_run, tmp_path, damage, capsys)
+    assert rc == 0
+    assert message in out.out + out.err
+    assert "editing again from the start" in out.out + out.err
+    assert _results(run) == _results(finished_run / "run")
+    assert _batches(run / "memit" / "trace.jsonl") == [0, 1, 2, 3]
+
+
+def test_a_damaged_edit_state_falls_back_to_the_previous_save(finished_run, tmp_path, capsys):
+    def damage(m):
+        state = m / "state" / "edit_state.pt"
+        data = bytearray(state.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # one flipped byte: torch may well still load it
+        state.write_bytes(bytes(data))
+        (m / "checkpoints/edits_000008/results.json").unlink()
+
+    rc, run, out = _copy_and_resume(finished_run, tmp_path, damage, capsys)
+    assert rc == 0
+    text = out.out + out.err
+    assert "edit_state.pt does not match its checksum" in text
+    assert "resuming from edit_state.pt.prev (6 edits)" in text
+    assert _results(run) == _results(finished_run / "run")
+    assert _batches(run / "memit" / "trace.jsonl") == [0, 1, 2, 3]
+
+
+def test_half_written_files_of_a_killed_process_are_removed(finished_run, tmp_path, capsys):
+    def damage(m):
+        (m / "state" / "edit_state.pt.tmp999999").write_bytes(b"half")
+        (m / "checkpoints/edits_000004/results.json.tmp999999").write_text("{")
+        (m / "trace.jsonl.tmp4194303").write_text("")
+
+    rc, run, out = _copy_and_resume(finished_run, tmp_path, damage, capsys)
+    assert rc == 0 and "removed 3 half-written file(s)" in out.out + out.err
+    assert not list(run.rglob("*.tmp[0-9]*"))
+
+
+def test_a_moved_run_directory_resumes_and_restores_missing_trace_lines(finished_run, tmp_path, capsys):
+    """Before: the manifest's output_dir differed, so a moved or copied run was refused."""
+    def damage(m):
+        (m / "checkpoints/edits_000008/results.json").unlink()
+        lines = (m / "trace.jsonl").read_text().splitlines()
+        (m / "trace.jsonl").write_text("\n".join([lines[0], lines[2]]) + "\n")
+
+    rc, run, out = _copy_and_resume(finished_run, tmp_path, damage, capsys, where="elsewhere/moved")
+    assert rc == 0, out.err
+    assert "trace.jsonl lacked 2 of 4 batches: restored from the saved state" in out.out + out.err
+    assert _results(run) == _results(finished_run / "run")
+    assert _batches(run / "memit" / "trace.jsonl") == [0, 1, 2, 3]
