@@ -13,8 +13,17 @@ through :func:`run_python`, which stacks these layers:
    current count plus a small budget, because the kernel counts every process of the user).
    Soft and hard limits are equal, so an unprivileged sample cannot raise them.
 3. A wall-clock limit kept by the parent: on expiry the child's whole process group is killed.
-4. Where ``unshare`` works (root, or unprivileged user namespaces), a new network namespace: the
-   sample sees no network interface at all.
+4. Kernel containment, required (see :func:`kernel_protection`): the program runs in fresh PID,
+   mount and network namespaces (``unshare``; as root, or with unprivileged user namespaces)
+   with its own ``/proc``, so no process outside (the evaluator among them) can be seen,
+   signalled (``kill``, ``pidfd_send_signal``), traced or read (``/proc/<pid>/environ``,
+   ``/mem``, ``process_vm_readv``), and there is no network interface; and under Landlock,
+   which makes everything outside the scratch directory (and ``/dev/null``) impossible to
+   create, write, truncate, rename or remove, whatever route the code takes (``_io.FileIO``,
+   sqlite3, ctypes, symlinks, child processes), and from Landlock ABI 6 also blocks signals to
+   processes outside the sandbox. Where the kernel lacks either, :func:`run_python` raises
+   :class:`SandboxUnavailable` instead of running code unprotected, unless the caller opts in
+   (``SandboxLimits(allow_unprotected=True)`` or ``SEQEDIT_SANDBOX_UNPROTECTED=1``).
 5. A Python-level guard installed in the child just before the sample runs, in the spirit of
    OpenAI human-eval's ``reliability_guard``: creating sockets and resolving names raise;
    fork, exec, spawn, ``subprocess``, ``os.system``, ``os.kill`` raise; deleting, renaming,
@@ -23,14 +32,12 @@ through :func:`run_python`, which stacks these layers:
    are disabled.  A sample passes only if it runs to its end: ``exit()`` or ``sys.exit(0)``
    before the tests ran counts as a failure.
 
-What this does NOT give you. The guard is ordinary Python: code that sets out to defeat it can
-(reload a C module to get the original functions back, load ``_ctypes`` from its file, open
-files through ``_io.FileIO``, ...). It stops accidents and careless code, like human-eval's
-guard, and is not a security boundary. The kernel limits are real but partial: ``RLIMIT_NPROC``
-is not enforced for root, ``RLIMIT_AS`` is not enforced on macOS, and without ``unshare`` the
-network is blocked only by the guard. Reading files is not restricted: a sample can read
-whatever the user running the evaluation can. For code you have reason to distrust, run the
-whole evaluation in a container or VM without credentials.
+What this does NOT give you. The guard is ordinary Python that code can defeat; layer 4 is what
+contains code that sets out to escape (tests/test_sandbox_escapes.py runs such attempts with the
+guard bypassed). Reading is not restricted: a sample can read whatever files the user running
+the evaluation can (the evaluator's own environment and memory excepted). ``RLIMIT_NPROC`` is
+not enforced for root and ``RLIMIT_AS`` not on macOS. For code you have reason to distrust
+beyond that, run the whole evaluation in a container or VM without credentials.
 """
 
 from __future__ import annotations
@@ -47,6 +54,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+try:
+    from harness.errors import UserError
+except ImportError:  # this file also runs as the child's script, where only the stdlib is needed
+    UserError = Exception
+
 OUTPUT_TAIL_BYTES = 64 * 1024
 
 
@@ -61,6 +73,9 @@ class SandboxLimits:
     max_new_processes: int = 8
     # try a network namespace with ``unshare`` (the guard blocks sockets either way)
     isolate_network: bool = True
+    # run even where the kernel cannot contain the program (see kernel_protection); also
+    # SEQEDIT_SANDBOX_UNPROTECTED=1
+    allow_unprotected: bool = False
 
 
 DEFAULT_LIMITS = SandboxLimits()
@@ -79,6 +94,81 @@ class SandboxResult:
         return self.status == "passed"
 
 
+class SandboxUnavailable(UserError, OSError):
+    """The kernel lacks what contains generated code; the sandbox refuses to run it."""
+
+
+UNPROTECTED_ENV = "SEQEDIT_SANDBOX_UNPROTECTED"
+# Landlock: the access rights that change the filesystem, by the ABI version that introduced them
+LANDLOCK_WRITE_RIGHTS = {
+    1: (1 << 1) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12),
+    2: 1 << 13,  # REFER: linking or renaming a file into another directory
+    3: 1 << 14,  # TRUNCATE
+}
+LANDLOCK_WRITE_FILE, LANDLOCK_TRUNCATE = 1 << 1, 1 << 14
+LANDLOCK_NET_TCP = (1 << 0) | (1 << 1)  # bind, connect (ABI 4)
+LANDLOCK_SCOPES = (1 << 0) | (1 << 1)  # abstract unix sockets, signals (ABI 6)
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+PR_SET_NO_NEW_PRIVS = 38
+
+
+@dataclass(frozen=True)
+class KernelProtection:
+    """What this kernel offers to contain a program: Landlock (writes outside the scratch
+    directory, and from ABI 6 signals to outside processes) and namespaces made with ``unshare``
+    (a PID namespace with its own /proc: no process outside it can be seen, signalled, traced or
+    read; a network namespace without interfaces)."""
+
+    landlock_abi: int
+    namespace_prefix: tuple[str, ...]
+    isolated: frozenset  # of "pid", "net"
+
+    @property
+    def missing(self) -> list[str]:
+        out = []
+        if self.landlock_abi < 1:
+            out.append("Landlock (Linux >= 5.13 with landlock in the LSM list), which confines writes "
+                       "to the scratch directory")
+        if "pid" not in self.isolated:
+            out.append("a PID namespace with its own /proc (unshare --pid --fork --mount-proc, as root or "
+                       "with unprivileged user namespaces), which hides the evaluator's process, its "
+                       "environment and its memory")
+        return out
+
+
+def _landlock_abi() -> int:
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        return max(int(libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, 0, 1)), 0)  # ..._VERSION
+    except (OSError, AttributeError):
+        return 0
+
+
+@lru_cache(maxsize=1)
+def kernel_protection() -> KernelProtection:
+    abi = _landlock_abi()
+    unshare = shutil.which("unshare")
+    candidates = [
+        ((unshare, "--net", "--pid", "--fork", "--mount-proc"), {"net", "pid"}),
+        ((unshare, "--map-root-user", "--net", "--pid", "--fork", "--mount-proc"), {"net", "pid"}),
+        ((unshare, "--net"), {"net"}),
+        ((unshare, "--map-root-user", "--net"), {"net"}),
+    ] if unshare else []
+    for prefix, isolated in candidates:
+        try:
+            probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if probe.returncode == 0:
+            return KernelProtection(abi, prefix, frozenset(isolated))
+    return KernelProtection(abi, (), frozenset())
+
+
 def run_python(source: str, limits: SandboxLimits = DEFAULT_LIMITS) -> SandboxResult:
     """Run ``source`` as a script in the sandbox; ``passed`` iff it ran to its end.
 
@@ -88,16 +178,25 @@ def run_python(source: str, limits: SandboxLimits = DEFAULT_LIMITS) -> SandboxRe
     """
     if sys.platform == "win32":
         raise OSError("harness.sandbox needs a POSIX system (resource limits, sessions)")
+    protection = kernel_protection()
+    opted_in = limits.allow_unprotected or os.environ.get(UNPROTECTED_ENV, "") not in ("", "0")
+    if protection.missing and not opted_in:
+        raise SandboxUnavailable(
+            "the sandbox refuses to run generated code: this machine lacks " + "; and ".join(protection.missing)
+            + f". Run the code tasks on a Linux machine that has them, or set {UNPROTECTED_ENV}=1 to run the "
+            "code with the remaining layers only (resource limits and a Python-level guard that code can defeat)")
     base = Path(tempfile.mkdtemp(prefix="seqedit-sandbox-"))
     try:
         scratch = base / "scratch"
         scratch.mkdir()
         program = base / "program.py"
         program.write_text(source, encoding="utf-8")
-        out_path, err_path = base / "stdout", base / "stderr"
+        out_path, err_path, status_path = base / "stdout", base / "stderr", base / "status"
         child_args = [
             str(scratch),
             str(program),
+            str(status_path),
+            repr(protection.landlock_abi),
             repr(limits.memory_bytes),
             repr(math.ceil(limits.cpu_time_s)),
             repr(limits.max_file_bytes),
@@ -105,7 +204,7 @@ def run_python(source: str, limits: SandboxLimits = DEFAULT_LIMITS) -> SandboxRe
             repr(_process_budget(limits.max_new_processes)),
         ]
         cmd = [
-            *(_network_namespace_prefix() if limits.isolate_network else ()),
+            *(protection.namespace_prefix if limits.isolate_network or "pid" in protection.isolated else ()),
             sys.executable, "-I", os.path.abspath(__file__), *child_args,
         ]
         env = {"PATH": os.defpath, "HOME": str(scratch), "TMPDIR": str(scratch),
@@ -125,6 +224,11 @@ def run_python(source: str, limits: SandboxLimits = DEFAULT_LIMITS) -> SandboxRe
             _kill_group(proc.pid)
             returncode = proc.wait()
             duration = time.monotonic() - start
+        if status_path.exists():  # the program ran under an init process, which reported its end
+            try:
+                returncode = int(status_path.read_text())
+            except ValueError:
+                pass
         if timed_out:
             status = "timeout"
         elif returncode == 0:
@@ -156,22 +260,6 @@ def _tail(path: Path) -> str:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - OUTPUT_TAIL_BYTES))
         return f.read().decode("utf-8", errors="replace")
-
-
-@lru_cache(maxsize=1)
-def _network_namespace_prefix() -> tuple[str, ...]:
-    """``unshare`` arguments that give the child an empty network namespace, or () if none work."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return ()
-    for prefix in ((unshare, "--net"), (unshare, "--map-root-user", "--net")):
-        try:
-            probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if probe.returncode == 0:
-            return prefix
-    return ()
 
 
 def _process_budget(extra: int) -> int | None:
@@ -361,12 +449,78 @@ def install_guard(scratch: str) -> None:
         resource.prlimit = _refuse("resource.prlimit")
 
 
+def restrict_filesystem(scratch: str, abi: int) -> None:
+    """Landlock, irreversibly for this process and its children: nothing outside ``scratch`` (and
+    /dev/null) can be created, written, truncated, renamed or removed, whatever route the code
+    takes (``_io.FileIO``, sqlite3, ctypes, a symlink); from ABI 4 no TCP, from ABI 6 no signal
+    to a process outside the sandbox. Reading is left alone."""
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    handled = 0
+    for version, rights in LANDLOCK_WRITE_RIGHTS.items():
+        if abi >= version:
+            handled |= rights
+    fields = [handled]
+    if abi >= 4:
+        fields.append(LANDLOCK_NET_TCP)
+    if abi >= 6:
+        fields.append(LANDLOCK_SCOPES)
+    attr = ctypes.create_string_buffer(struct.pack(f"={len(fields)}Q", *fields))
+    ruleset = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, attr, len(attr.raw), 0)
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
+    try:
+        for path, rights in ((scratch, handled), ("/dev/null", handled & (LANDLOCK_WRITE_FILE | LANDLOCK_TRUNCATE))):
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                rule = ctypes.create_string_buffer(struct.pack("=Qi", rights, fd))
+                if libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, 1, rule, 0) < 0:  # PATH_BENEATH
+                    raise OSError(ctypes.get_errno(), f"landlock_add_rule({path}) failed")
+            finally:
+                os.close(fd)
+        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+        if libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) < 0:
+            raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
+    finally:
+        os.close(ruleset)
+
+
+def _run_under_init(status_path: str) -> None:
+    """In a fresh PID namespace this process is its init, which the kernel shields from signals it
+    has no handler for (the CPU limit's among them). So it forks: the program runs as process 2,
+    and this one waits and writes how it ended (``-signal`` or the exit code) for the parent."""
+    child = os.fork()
+    if child == 0:
+        return
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except ChildProcessError:
+            status = 0
+            break
+        except InterruptedError:
+            continue
+    code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.waitstatus_to_exitcode(status)
+    with open(status_path, "w") as fh:
+        fh.write(str(code))
+    os._exit(0)
+
+
 def _child_main(argv: list[str]) -> int:
-    scratch, program, memory, cpu, file_size, open_files, nproc = argv
+    scratch, program, status_path, landlock_abi, memory, cpu, file_size, open_files, nproc = argv
     import ast
     import traceback
 
+    if os.getpid() == 1:
+        _run_under_init(status_path)
     _set_limits(int(memory), int(cpu), int(file_size), int(open_files), ast.literal_eval(nproc))
+    if int(landlock_abi) >= 1:
+        restrict_filesystem(scratch, int(landlock_abi))
     with open(program, encoding="utf-8") as f:
         source = f.read()
     os.chdir(scratch)
