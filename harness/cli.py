@@ -35,7 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    command, rest = argv[0], argv[1:]
+    from harness.errors import UserError, debug_enabled
+
+    try:
+        return _dispatch(argv[0], argv[1:])
+    except UserError as exc:  # a mistake the message tells how to fix: one line, no traceback
+        if debug_enabled() or "--debug" in argv:
+            raise
+        print(f"seqedit {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(command: str, rest: list[str]) -> int:
     if command == "run":
         from harness.driver import main as run_main
 

@@ -167,9 +167,12 @@ def cache_from_directory(path: str, source: Path, cache: Path | None = None) -> 
     """One cache entry per config directory of ``source`` (``<config>/<split>[-...].parquet``
     and the like, as a clone of the hub repository lays them out)."""
     written = []
+    if not Path(source).is_dir():
+        raise HubDataUnavailable(f"{source}: no such directory; pass the local copy of the hub repository "
+                                 "(one sub-directory per config)")
     configs = sorted(d for d in Path(source).iterdir() if d.is_dir() and not d.name.startswith("."))
     if not configs:
-        raise FileNotFoundError(f"{source}: expected one directory per config, e.g. {source}/cola/"
+        raise HubDataUnavailable(f"{source}: expected one directory per config, e.g. {source}/cola/"
                                 "validation-00000-of-00001.parquet")
     for config_dir in configs:
         by_split: dict[str, list[Path]] = {}

@@ -161,3 +161,16 @@ def test_lm_eval_cli_turns_an_unknown_model_arg_into_one_line_and_exit_2(tmp_pat
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("lm_eval: error:")]
     assert len(errors) == 1 and "'aplha' (did you mean 'alpha'?)" in errors[0], proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["hub-cache", "nyu-mll/glue", "/nowhere"], "seqedit hub-cache: error: /nowhere: no such directory"),
+    (["leaderboard", "/nowhere"], "seqedit leaderboard: error: /nowhere is not a run directory"),
+    (["report", "/nowhere"], "seqedit report: error: /nowhere is not a run directory"),
+])
+def test_every_seqedit_command_reports_a_user_mistake_in_one_line(argv, message, capsys):
+    from harness.cli import main
+
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), lines

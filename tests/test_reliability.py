@@ -331,3 +331,41 @@ def test_a_moved_run_directory_resumes_and_restores_missing_trace_lines(finished
     assert "trace.jsonl lacked 2 of 4 batches: restored from the saved state" in out.out + out.err
     assert _results(run) == _results(finished_run / "run")
     assert _batches(run / "memit" / "trace.jsonl") == [0, 1, 2, 3]
+
+
+def test_two_processes_computing_one_statistics_entry_leave_a_valid_entry(tmp_path, monkeypatch):
+    """Both write their own temporary file and replace the entry atomically: whichever lands last,
+    the entry is whole, and a third process uses it without recomputing."""
+    import subprocess
+    import sys
+
+    from harness.arch import architecture_for
+    from harness.editors import stats
+
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "from harness.arch import architecture_for\n"
+        "from harness.editors.stats import load_or_compute_second_moments\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, torch_dtype=torch.float32)\n"
+        f"t = AutoTokenizer.from_pretrained({str(tmp_path / 'model')!r})\n"
+        f"out = load_or_compute_second_moments(m, architecture_for(m), t, [1, 2], 'bundled', 40, 48, {str(tmp_path / 'cache')!r}, progress=False)\n"
+        "print(float(out[1].sum()), float(out[2].sum()))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
+    assert outputs[0][0] == outputs[1][0]
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 2 and not list((tmp_path / "cache").rglob("*.tmp*"))
+
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", torch_dtype=torch.float32)
+    monkeypatch.setattr(stats, "accumulate_second_moments",
+                        lambda *a, **k: pytest.fail("a valid cache entry was recomputed"))
+    out = stats.load_or_compute_second_moments(reloaded, architecture_for(reloaded), tok, [1, 2], "bundled", 40, 48,
+                                               tmp_path / "cache", progress=False)
+    assert outputs[0][0].split() == [repr(float(out[1].sum())), repr(float(out[2].sum()))]
