@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from harness.errors import ConfigError, UserError, did_you_mean, unknown_names_error
+from harness.errors import ConfigError, UserError, did_you_mean, unknown_names_error, whole_number
 
 log = logging.getLogger("harness.driver")
 
@@ -97,17 +97,10 @@ class RunConfig:
     def validate(self) -> None:
         """Every mistake that can be seen without a model, each as one line naming the fix: checked
         before anything is loaded or written."""
-        for name in ("num_edits", "edit_batch_size", "eval_every", "eval_batch_size", "seed", "save_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"{name} must be a whole number, got {value!r}")
-        if self.limit is not None and (not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 1):
-            raise ConfigError(f"limit must be a whole number >= 1 (or null for every document), got {self.limit!r}")
-        if self.num_edits < 0:
-            raise ConfigError(f"num_edits must be >= 0 (0: only the pre-edited model), got {self.num_edits}")
-        for name in ("edit_batch_size", "eval_every", "eval_batch_size", "save_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, minimum in (("num_edits", 0), ("seed", 0), ("edit_batch_size", 1), ("eval_every", 1),
+                              ("eval_batch_size", 1), ("save_every", 1)):
+            setattr(self, name, whole_number(name, getattr(self, name), minimum))
+        self.limit = whole_number("limit", self.limit, minimum=1, allow_none=True)
         if self.eval_every % self.edit_batch_size:
             raise ConfigError(
                 f"eval_every ({self.eval_every}) must be a multiple of edit_batch_size "

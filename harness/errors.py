@@ -32,5 +32,19 @@ def unknown_names_error(what: str, unknown, valid) -> ConfigError:
     return ConfigError(f"unknown {what} {hints}valid names: {', '.join(sorted(valid))}")
 
 
+def whole_number(name: str, value, minimum: int, allow_none: bool = False):
+    """``value`` as an int >= ``minimum`` (digits in a string count: lm-eval passes model args as
+    text), or a ConfigError naming ``name``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def debug_enabled() -> bool:
     return os.environ.get("SEQEDIT_DEBUG", "").lower() not in ("", "0", "false", "no")

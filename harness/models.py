@@ -25,7 +25,7 @@ from harness import generation, session
 from harness.data import MalformedRecordError, load_edit_data
 from harness.editors import editor_class
 from harness.editors.hparams import EditHparams, load_hparams
-from harness.errors import ConfigError, unknown_names_error
+from harness.errors import ConfigError, unknown_names_error, whole_number
 from harness.loading import load_model
 
 log = logging.getLogger(__name__)
@@ -49,19 +49,6 @@ def _parse_layers(value):
         return [int(x) for x in text.replace("|", " ").split()]
     except ValueError:
         raise ConfigError(f"layers={value!r}: expected a range (4-8) or layer numbers (4|5|6)") from None
-
-
-def _count_argument(name: str, value, minimum: int, allow_none: bool = False):
-    """A whole number given as an int or a string of digits (lm-eval passes model args as text)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{name} must be a whole number, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _resolve_device(device):
@@ -99,8 +86,8 @@ class EditingLM(HFLM):
         hp_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in EditHparams.keys()}
         if "layers" in hp_overrides:
             hp_overrides["layers"] = _parse_layers(hp_overrides["layers"])
-        n_requested = _count_argument("num_edits", num_edits, minimum=0, allow_none=True)
-        self.edit_batch_size = _count_argument("edit_batch_size", edit_batch_size, minimum=1)
+        n_requested = whole_number("num_edits", num_edits, minimum=0, allow_none=True)
+        self.edit_batch_size = whole_number("edit_batch_size", edit_batch_size, minimum=1)
         if zsre_target not in ("answers", "alt"):
             raise ConfigError(f"zsre_target must be 'answers' or 'alt', got {zsre_target!r}")
         # data and hyper-parameters first: a mistake in either costs no model load
