@@ -356,3 +356,70 @@ def test_target_tokens_get_one_leading_space_as_the_reference(family, request):
         # a target that already starts with a space is not given a second one
         assert target_ids(tok, " " + target) == reference
     assert tok.bos_token_id not in target_ids(tok, "Paris")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gptj"])
+def test_fast_target_values_equal_the_plain_computation(arch, requests):
+    """Dropping finished requests from later steps, cutting the essence prompts at the subject and
+    optimising in chunks change no result beyond float round-off, nor any step count."""
+    model, tok = tiny_model(arch)
+    arch_ = architecture_for(model)
+    # the regularisers off and a large rate, so that a random tiny model's targets do converge; the
+    # early-stop threshold is the median loss after 6 steps: about half the requests stop early
+    plain_hp = {**FAST, "v_weight_decay": 0.0, "kl_factor": 0.0, "clamp_norm_factor": 4.0, "v_lr": 2.0}
+    templates = generate_context_templates(model, tok, FAST["context_templates"], seed=0)
+    batch = requests[:8]
+    probe = compute_target_values(model, arch_, tok, batch, 2, templates,
+                                  EditHparams(**{**plain_hp, "v_num_grad_steps": 6, "v_early_stop_loss": 0.0}))
+    threshold = sorted(probe.loss)[4]
+    hp = EditHparams(**{**plain_hp, "kl_factor": 0.0625, "v_num_grad_steps": 12, "v_early_stop_loss": threshold,
+                        "v_batch_size": 8})
+    plain = compute_target_values(model, arch_, tok, batch, 2, templates, hp, fast=False)
+    from harness.editors import targets
+
+    narrowed = []
+    original_narrow = targets._UpperStack.narrow
+
+    def spy(self, model_, arch__, layer, keep_rows):
+        narrowed.append(len(keep_rows))
+        return original_narrow(self, model_, arch__, layer, keep_rows)
+
+    targets._UpperStack.narrow = spy
+    try:
+        fast = compute_target_values(model, arch_, tok, batch, 2, templates, hp)
+    finally:
+        targets._UpperStack.narrow = original_narrow
+    assert narrowed and narrowed[0] < 8 * 7, narrowed  # finished requests left the upper blocks
+    chunked = compute_target_values(model, arch_, tok, batch, 2, templates, EditHparams(**{**hp.to_dict(), "v_batch_size": 3}))
+    assert len(set(plain.steps)) > 1, plain.steps  # some requests stop early: compaction ran
+    for other in (fast, chunked):
+        assert other.steps == plain.steps
+        torch.testing.assert_close(other.z_star, plain.z_star, atol=2e-5, rtol=2e-5)
+        assert other.loss == pytest.approx(plain.loss, abs=1e-5, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_staged_forward_reads_what_a_full_pass_reads_while_the_layers_are_written(arch, requests):
+    """Keys and hidden states read layer after layer, each read starting from the block input the
+    previous one saved, equal a full pass on the model as it is at that moment."""
+    from harness.arch import get_module
+    from harness.editors.keys import StagedForward, bare_prompts, read_at_subject
+
+    model, tok = tiny_model(arch)
+    arch_ = architecture_for(model)
+    templates = [["{}"], ["A. {}", "B c. {}"]]
+    texts, idxs, _, _ = templated_prompts(tok, requests[:5], templates)
+    keys_pass = StagedForward(model, arch_, tok, texts, idxs, batch_size=4)
+    bare = bare_prompts(tok, requests[:5])
+    bare_pass = StagedForward(model, arch_, tok, *bare, batch_size=3)
+    generator = torch.Generator().manual_seed(0)
+    for layer in (1, 2, 3):
+        got = keys_pass.read("key", layer, resume_from=layer)
+        assert torch.equal(got, read_at_subject(model, arch_, tok, texts, idxs, [layer], "key")[layer])
+        hidden = bare_pass.read("hidden", 3, resume_from=layer)
+        assert torch.equal(hidden, read_at_subject(model, arch_, tok, *bare, [3], "hidden")[3])
+        with torch.no_grad():  # the editor writes this layer before the next read
+            weight = get_module(model, arch_.mlp_out_name(layer)).weight
+            weight.add_(0.05 * torch.randn(weight.shape, generator=generator))
+    with pytest.raises(ValueError, match="cannot resume from the lower block"):
+        keys_pass.read("key", 3, resume_from=1)

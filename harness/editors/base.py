@@ -23,7 +23,7 @@ import torch
 from harness.arch import architecture_for, edit_weight, weight_as_out_in
 from harness.editors.context import generate_context_templates
 from harness.editors.guard import check_target_values, checked_weight
-from harness.editors.keys import compute_keys, hidden_at_subject
+from harness.editors.keys import StagedForward, average_keys, bare_prompts, templated_prompts
 from harness.editors.solvers import preservation_loss
 from harness.editors.stats import load_or_compute_second_moments
 from harness.editors.targets import compute_target_values
@@ -116,10 +116,17 @@ class Editor:
         check_target_values(self, tv.z_star, tv.loss)
         phases["targets"] += time.perf_counter() - t0
         solved = []
+        t0 = time.perf_counter()
+        texts, idxs, owner, group = templated_prompts(self.tokenizer, requests, self.templates)
+        keys_pass = StagedForward(self.model, self.arch, self.tokenizer, texts, idxs)
+        bare_pass = StagedForward(self.model, self.arch, self.tokenizer, *bare_prompts(self.tokenizer, requests))
+        phases["keys"] += time.perf_counter() - t0
         for i, layer in enumerate(self.layers):
             t0 = time.perf_counter()
-            K = compute_keys(self.model, self.arch, self.tokenizer, requests, [layer], self.templates)[layer]
-            current = hidden_at_subject(self.model, self.arch, self.tokenizer, requests, last)
+            # each read starts at this layer's block input, which the layers written so far left as is
+            K = average_keys(keys_pass.read("key", layer, resume_from=layer), owner, group, len(requests),
+                             len(self.templates))
+            current = bare_pass.read("hidden", last, resume_from=layer)
             R = ((tv.z_star - current) / (len(self.layers) - i)).T
             phases["keys"] += time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -29,6 +29,9 @@ class EditHparams:
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     v_early_stop_loss: float = 5e-2
+    # requests whose target values are optimised together: bounds memory at large edit batches;
+    # the results do not depend on it (each request's delta is independent)
+    v_batch_size: int = 32
     # most-probable early stopping (ENCORE): stop after |mpes_patience| iterations in which
     # every target token is top-1 on the context-templated prompts; 0 disables it
     mpes_patience: int = 0

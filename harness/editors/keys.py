@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from harness.arch import Architecture, get_module
-from harness.editors.hooks import capture, run_until
+from harness.editors.hooks import StopForward, capture, run_until
 from harness.editors.tokens import right_padded, subject_last_index
 
 
@@ -66,21 +66,91 @@ def compute_keys(model, arch, tokenizer, requests, layers, templates) -> dict[in
     """{layer: K} with K of shape (d_in, n_requests), float32."""
     texts, idxs, owner, group = templated_prompts(tokenizer, requests, templates)
     per_text = read_at_subject(model, arch, tokenizer, texts, idxs, layers, "key")
+    return {layer: average_keys(vecs, owner, group, len(requests), len(templates)) for layer, vecs in per_text.items()}
+
+
+def average_keys(vecs: torch.Tensor, owner: list[int], group: list[int], n_requests: int, n_groups: int) -> torch.Tensor:
+    """Per request, the mean over each template group, then over the groups: (d_in, n_requests)."""
     owner_t = torch.tensor(owner)
     group_t = torch.tensor(group)
-    n_groups = len(templates)
-    keys = {}
-    for layer, vecs in per_text.items():
-        cols = []
-        for r in range(len(requests)):
-            means = [vecs[((owner_t == r) & (group_t == g)).to(vecs.device)].mean(0) for g in range(n_groups)]
-            cols.append(torch.stack(means).mean(0))
-        keys[layer] = torch.stack(cols, dim=1)
-    return keys
+    cols = []
+    for r in range(n_requests):
+        means = [vecs[((owner_t == r) & (group_t == g)).to(vecs.device)].mean(0) for g in range(n_groups)]
+        cols.append(torch.stack(means).mean(0))
+    return torch.stack(cols, dim=1)
 
 
-def hidden_at_subject(model, arch, tokenizer, requests, layer: int) -> torch.Tensor:
-    """Block output of ``layer`` at the subject's last token of each bare prompt: (n, d_model)."""
-    texts = [r.prompt.format(r.subject) for r in requests]
-    idxs = [subject_last_index(tokenizer, r.prompt, r.subject) for r in requests]
-    return read_at_subject(model, arch, tokenizer, texts, idxs, [layer], "hidden")[layer]
+class StagedForward:
+    """Texts read at the subject layer after layer while an editor writes those layers in order.
+
+    A MEMIT-style batch reads the keys of edit layer l_k after it wrote l_{k-1}; nothing below block
+    l_{k-1} changed since the last read, so each read starts from the input of the lowest block the
+    caller changes in between (``resume_from``), saved by the previous read, instead of from the
+    embeddings. The same operations on the same inputs as a full pass: the same numbers."""
+
+    def __init__(self, model, arch: Architecture, tokenizer, texts: list[str], idxs: list[int],
+                 batch_size: int = 64):
+        self.model, self.arch = model, arch
+        self.device = next(model.parameters()).device
+        self.chunks = []
+        for start in range(0, len(texts), batch_size):
+            ids, mask = right_padded(tokenizer, texts[start:start + batch_size], self.device)
+            self.chunks.append((ids, mask, torch.tensor(idxs[start:start + batch_size], device=self.device)))
+        self.saved: list[tuple | None] = [None] * len(self.chunks)  # (block, hidden, args, kwargs)
+
+    def _block(self, i: int):
+        return get_module(self.model, self.arch.layer_name(i))
+
+    @torch.no_grad()
+    def read(self, where: str, layer: int, resume_from: int) -> torch.Tensor:
+        """(n_texts, d) at the subject positions: ``where`` as in :func:`read_at_subject`."""
+        if where == "key":
+            name, kind = self.arch.mlp_out_name(layer), "input"
+        elif where == "hidden":
+            name, kind = self.arch.layer_name(layer), "output"
+        else:
+            raise ValueError(f"where={where!r}: expected 'key' or 'hidden'")
+        if resume_from > layer:
+            raise ValueError(f"resume_from ({resume_from}) above the layer read ({layer})")
+        module = get_module(self.model, name)
+        out = []
+        for c, (ids, mask, pos) in enumerate(self.chunks):
+            with capture({name: module}, kind, stop_after=name) as store:
+                self.saved[c] = self._pass(c, ids, mask, layer, resume_from)
+            out.append(store[name][torch.arange(ids.shape[0], device=self.device), pos].float())
+        return torch.cat(out)
+
+    def _pass(self, c: int, ids, mask, layer: int, resume_from: int) -> tuple:
+        saved = self.saved[c]
+        if saved is not None and saved[0] > resume_from:
+            raise ValueError(f"block {saved[0]} is saved; cannot resume from the lower block {resume_from}")
+        keep = {}
+
+        def save_input(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            keep["state"] = (resume_from, hidden, tuple(args[1:]),
+                             {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+        if saved is None:
+            handle = self._block(resume_from).register_forward_pre_hook(save_input, with_kwargs=True)
+            try:
+                run_until(self.model, True, input_ids=ids, attention_mask=mask)
+            finally:
+                handle.remove()
+            return keep["state"]
+        start, hidden, args, kwargs = saved
+        try:
+            for b in range(start, layer + 1):
+                if b == resume_from:
+                    keep["state"] = (b, hidden, args, kwargs)
+                out = self._block(b)(hidden, *args, **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+        except StopForward:
+            pass
+        return keep["state"]
+
+
+def bare_prompts(tokenizer, requests) -> tuple[list[str], list[int]]:
+    """Each request's prompt with its subject, and the subject's last token index."""
+    return ([r.prompt.format(r.subject) for r in requests],
+            [subject_last_index(tokenizer, r.prompt, r.subject) for r in requests])

@@ -23,7 +23,18 @@ Efficiency, which is where editing time goes:
   sequences (same numbers, slower);
 * the suffixes are grouped by length and each group runs unpadded with its own slice of the
   cache: suffixes span 2-6 tokens, so padding every one to the longest wasted about 40% of the
-  upper blocks' work.
+  upper blocks' work;
+* a request stops at its own early-stop loss, as the reference's one-request loop does; once a
+  quarter of the requests still running have stopped, their sequences leave the upper blocks
+  (each group keeps its prefix cache rows for the others and re-runs their few suffix tokens up
+  to the edit layer for the arguments the blocks receive), so later steps cost only the requests
+  still moving;
+* the essence prompt ("{subject} is a") is read only at the subject's last token, so it ends
+  there;
+* requests are optimised ``v_batch_size`` at a time, which bounds the activations kept for the
+  backward pass at large edit batches.
+The last three change no result beyond float round-off (``fast=False`` turns the first two off;
+tests/test_engine.py compares them).
 """
 
 from __future__ import annotations
@@ -95,6 +106,11 @@ class _Group:
         self.kwargs: dict = {}
         self.cache = None
         self.prefix_kv = None
+        # for narrowing the group to some of its rows: the left-padded prefix mask and positions
+        # of the suffixes, and the suffix ids (all batch-first)
+        self.pre_mask = None
+        self.suf_pos = None
+        self.suf_ids = None
 
 
 class _UpperStack:
@@ -125,8 +141,31 @@ class _UpperStack:
         width = hidden.shape[1]
         outs = [torch.nn.functional.pad(self._run_group(g, hidden[g.rows, :g.length]), (0, 0, 0, width - g.length))
                 for g in self.groups]
-        # back to batch order; the columns past a group's length are padding nobody reads
-        return torch.cat(outs).index_select(0, self.inverse)
+        if self.inverse is not None:
+            # back to batch order; the columns past a group's length are padding nobody reads
+            return torch.cat(outs).index_select(0, self.inverse)
+        # narrowed groups: rows of finished requests are left at zero (their loss is not used)
+        rows = torch.cat([g.rows for g in self.groups])
+        return hidden.new_zeros(hidden.shape).index_copy(0, rows, torch.cat(outs))
+
+    def narrow(self, model, arch, layer: int, keep_rows: torch.Tensor) -> None:
+        """Run only the sequences in ``keep_rows`` from now on. Each group keeps its prefix cache
+        rows for them and re-runs their few suffix tokens up to the edit layer, which gives the
+        arguments the upper blocks receive for that subset (masks, positions)."""
+        wanted = torch.zeros(int(max(int(g.rows.max()) for g in self.groups)) + 1, dtype=torch.bool,
+                             device=keep_rows.device)
+        wanted[keep_rows[keep_rows < len(wanted)]] = True
+        groups = []
+        for g in self.groups:
+            local = wanted[g.rows].nonzero()[:, 0]
+            if len(local) == 0:
+                continue
+            if len(local) == len(g.rows):
+                groups.append(g)
+                continue
+            groups.append(_narrowed_group(model, arch, layer, self, g, local))
+        self.groups = groups
+        self.inverse = None
 
     def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(hidden_rows))
@@ -201,8 +240,6 @@ def _suffix_pass(model, arch, layer, upper: _UpperStack, tokenizer, texts, looku
 
 
 def _group_suffix_pass(model, arch, layer, upper, group: _Group, pad, prefixes, suffixes, device):
-    from transformers import DynamicCache
-
     P = max(len(x) for x in prefixes)
     S = group.length
     pre_ids = torch.tensor([[pad] * (P - len(x)) + x for x in prefixes], device=device)
@@ -211,11 +248,10 @@ def _group_suffix_pass(model, arch, layer, upper, group: _Group, pad, prefixes, 
     suf_mask = torch.ones_like(suf_ids)
     pre_pos = (pre_mask.cumsum(-1) - 1).clamp(min=0)
     suf_pos = torch.tensor([len(x) for x in prefixes], device=device)[:, None] + torch.arange(S, device=device)
-    try:
-        cache = DynamicCache(config=model.config)
-    except TypeError:
-        cache = DynamicCache()
-    model(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, **_cache_kwargs(model, cache))
+    cache = _new_cache(model)
+    # the prefix only fills the cache: the base model, without the head's logits for every position
+    base = getattr(model, "base_model", model)
+    base(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, **_cache_kwargs(base, cache))
     prefix_kv = _snapshot_cache(cache)
     if prefix_kv is None or cache.get_seq_length() != P:
         return None
@@ -224,7 +260,35 @@ def _group_suffix_pass(model, arch, layer, upper, group: _Group, pad, prefixes, 
                       **_cache_kwargs(model, cache))
     group.cache = cache
     group.prefix_kv = prefix_kv
+    group.pre_mask, group.suf_pos, group.suf_ids = pre_mask, suf_pos, suf_ids
     return h
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:
+        return DynamicCache()
+
+
+def _narrowed_group(model, arch, layer, upper, group: _Group, local: torch.Tensor) -> _Group:
+    """``group`` restricted to its rows ``local``: their slice of the prefix cache, and their suffix
+    run again up to the edit layer (cheap: a few tokens through the lower blocks)."""
+    narrowed = _Group(group.rows[local], group.length)
+    cache = _new_cache(model)
+    for i, (k, v) in enumerate(group.prefix_kv):
+        cache.update(k[local], v[local], i)
+    prefix_kv = _snapshot_cache(cache)
+    pre_mask = group.pre_mask[local]
+    suf_ids = group.suf_ids[local]
+    _run_to_layer(model, arch, layer, upper, narrowed, input_ids=suf_ids,
+                  attention_mask=torch.cat([pre_mask, torch.ones_like(suf_ids)], 1),
+                  position_ids=group.suf_pos[local], **_cache_kwargs(model, cache))
+    narrowed.cache, narrowed.prefix_kv = cache, prefix_kv
+    narrowed.pre_mask, narrowed.suf_pos, narrowed.suf_ids = pre_mask, group.suf_pos[local], suf_ids
+    return narrowed
 
 
 def _cache_kwargs(model, cache) -> dict:
@@ -253,12 +317,42 @@ def _restore_cache(cache, kv) -> None:
         cache.value_cache[:] = [v for _, v in kv]
 
 
-def compute_target_values(model, arch: Architecture, tokenizer, requests, layer: int,
-                          templates: list[list[str]], hp, use_prefix_cache: bool = True) -> TargetValues:
-    device = next(model.parameters()).device
-    n_layers = arch.n_layers(model.config)
-    loss_layer = n_layers - 1 if hp.v_loss_layer is None else min(int(hp.v_loss_layer), n_layers - 1)
+@dataclass
+class _Problem:
+    """The sequences of some of a batch's requests, run up to the edit layer and ready for the
+    optimisation loop: the upper stack with its cached inputs and every index the loss needs."""
+
+    req_ids: torch.Tensor  # batch positions of these requests
+    upper: _UpperStack
+    h_layer: torch.Tensor
+    owner: torch.Tensor
+    lookup: torch.Tensor
+    nll_seq: torch.Tensor
+    nll_pos: torch.Tensor
+    nll_tok: torch.Tensor
+    kl_seq: torch.Tensor
+    rewrite_seq: torch.Tensor
+    n_rewrite_per_req: torch.Tensor
+    tgt_len: torch.Tensor
+    bare_seq: torch.Tensor
+    mpes_rows: torch.Tensor
+
+    @property
+    def n_req(self) -> int:
+        return len(self.req_ids)
+
+
+def _prepare(model, arch, tokenizer, requests, req_ids, layer, loss_layer, templates, use_prefix_cache,
+             device, trim_essence: bool = True) -> _Problem:
     texts, owner, lookup, tgt_pos, tgt_tok, is_kl, is_bare = _build(tokenizer, requests, templates)
+    # the KL term reads only the subject's last token, which sees nothing after it: the essence
+    # prompts are cut there (their other tokens were computed and never read)
+    for s in range(len(texts)):
+        if is_kl[s] and trim_essence:
+            ids = tokenizer(texts[s]).input_ids[: lookup[s] + 1]
+            cut = tokenizer.decode(ids, skip_special_tokens=True)
+            if tokenizer(cut).input_ids == ids:  # else (it re-tokenises otherwise) it stays whole
+                texts[s] = cut
     upper = _UpperStack(model, arch, layer, loss_layer)
     h_layer = None
     if use_prefix_cache:
@@ -275,74 +369,114 @@ def compute_target_values(model, arch: Architecture, tokenizer, requests, layer:
         upper = _UpperStack(model, arch, layer, loss_layer)
         ids, mask = right_padded(tokenizer, texts, device)
         h_layer = _prefix_pass(model, arch, layer, upper, ids, mask)
-    n_seq, d_model = h_layer.shape[0], h_layer.shape[-1]
-    n_req = len(requests)
-
+    n_seq = h_layer.shape[0]
     owner_t = torch.tensor(owner, device=device)
-    lookup_t = torch.tensor(lookup, device=device)
-    seq_rows = torch.arange(n_seq, device=device)
-    # rows (sequence, position) whose logits are scored: target tokens, then KL lookups
     nll_seq, nll_pos, nll_tok = [], [], []
     for s, (pos, tok) in enumerate(zip(tgt_pos, tgt_tok)):
         nll_seq += [s] * len(pos)
         nll_pos += pos
         nll_tok += tok
-    nll_seq_t = torch.tensor(nll_seq, device=device)
-    nll_pos_t = torch.tensor(nll_pos, device=device)
-    nll_tok_t = torch.tensor(nll_tok, device=device)
-    kl_seq = torch.tensor([s for s in range(n_seq) if is_kl[s]], device=device)
-    kl_pos = lookup_t[kl_seq]
-    kl_owner = owner_t[kl_seq]
     rewrite_seq = torch.tensor([s for s in range(n_seq) if not is_kl[s]], device=device)
-    n_rewrite_per_req = torch.bincount(owner_t[rewrite_seq], minlength=n_req).float()
-    tgt_len = torch.tensor([len(tgt_tok[s]) for s in range(n_seq)], device=device).float()
-    bare_seq = torch.tensor([s for s in range(n_seq) if is_bare[s]], device=device)
-    # MPES checks the templated prompts other than the bare one
-    mpes_rows = torch.tensor([not is_bare[s] for s in nll_seq], device=device)
+    return _Problem(
+        req_ids=req_ids, upper=upper, h_layer=h_layer, owner=owner_t,
+        lookup=torch.tensor(lookup, device=device),
+        nll_seq=torch.tensor(nll_seq, device=device), nll_pos=torch.tensor(nll_pos, device=device),
+        nll_tok=torch.tensor(nll_tok, device=device),
+        kl_seq=torch.tensor([s for s in range(n_seq) if is_kl[s]], device=device),
+        rewrite_seq=rewrite_seq,
+        n_rewrite_per_req=torch.bincount(owner_t[rewrite_seq], minlength=len(requests)).float(),
+        tgt_len=torch.tensor([len(tgt_tok[s]) for s in range(n_seq)], device=device).float(),
+        bare_seq=torch.tensor([s for s in range(n_seq) if is_bare[s]], device=device),
+        # MPES checks the templated prompts other than the bare one
+        mpes_rows=torch.tensor([not is_bare[s] for s in nll_seq], device=device),
+    )
 
-    z_init = h_layer[bare_seq, lookup_t[bare_seq]].float()  # (n_req, d)
-    max_norm = hp.clamp_norm_factor * z_init.norm(dim=1)
+
+# When this share of the requests still running has stopped, their sequences leave the upper
+# blocks: each later step then costs only the active ones.
+COMPACT_WHEN_DONE = 0.25
+
+
+def compute_target_values(model, arch: Architecture, tokenizer, requests, layer: int,
+                          templates: list[list[str]], hp, use_prefix_cache: bool = True,
+                          fast: bool = True) -> TargetValues:
+    """z* for every request. Requests are optimised ``hp.v_batch_size`` at a time (their deltas
+    are independent, so this bounds memory without changing a result). ``fast``: requests that
+    stopped early leave the computation, and the essence prompts end at the subject; the same
+    numbers as ``fast=False`` to float round-off (tested)."""
+    chunk = int(getattr(hp, "v_batch_size", 0) or 0) or len(requests)
+    parts = [_target_values_chunk(model, arch, tokenizer, requests[s:s + chunk], layer, templates, hp,
+                                  use_prefix_cache, fast)
+             for s in range(0, len(requests), chunk)]
+    if len(parts) == 1:
+        return parts[0]
+    return TargetValues(
+        z_star=torch.cat([p.z_star for p in parts]), z_init=torch.cat([p.z_init for p in parts]),
+        loss=[x for p in parts for x in p.loss], nll=[x for p in parts for x in p.nll],
+        steps=[x for p in parts for x in p.steps], target_prob=[x for p in parts for x in p.target_prob],
+        prefix_cached=all(p.prefix_cached for p in parts))
+
+
+def _target_values_chunk(model, arch, tokenizer, requests, layer, templates, hp, use_prefix_cache,
+                         fast) -> TargetValues:
+    device = next(model.parameters()).device
+    n_layers = arch.n_layers(model.config)
+    loss_layer = n_layers - 1 if hp.v_loss_layer is None else min(int(hp.v_loss_layer), n_layers - 1)
+    n_req = len(requests)
+
+    prob = _prepare(model, arch, tokenizer, requests, torch.arange(n_req, device=device), layer, loss_layer,
+                    templates, use_prefix_cache, device, trim_essence=fast)
+    prefix_cached = prob.upper.prefix_cached
+    d_model = prob.h_layer.shape[-1]
+    z_init = prob.h_layer[prob.bare_seq, prob.lookup[prob.bare_seq]].float()  # (n_req, d), all requests
+    z_init_norm = z_init.norm(dim=1)
+    max_norm_all = hp.clamp_norm_factor * z_init_norm
     delta = torch.zeros(n_req, d_model, device=device, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     active = torch.ones(n_req, dtype=torch.bool, device=device)
     steps = [0] * n_req
-    mpes_count = torch.zeros(n_req, device=device)
-    kl_init = None
+    mpes_all = torch.zeros(n_req, device=device)
+    kl_init_all = None
     final_loss = torch.zeros(n_req, device=device)
     final_nll = torch.zeros(n_req, device=device)
     params_frozen = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
+    running = n_req  # requests whose sequences still run through the upper blocks
     try:
         for it in range(hp.v_num_grad_steps):
+            ids = prob.req_ids
+            h_layer = prob.h_layer
+            n_seq = h_layer.shape[0]
             placed = torch.zeros(n_seq, h_layer.shape[1], d_model, device=device, dtype=h_layer.dtype)
-            placed = placed.index_put((seq_rows, lookup_t), delta[owner_t].to(h_layer.dtype))
-            top = upper.run(h_layer + placed)
-            nll_logits = upper.logits(top[nll_seq_t, nll_pos_t]).float()
-            logp = torch.log_softmax(nll_logits, dim=-1)
-            tok_logp = logp.gather(1, nll_tok_t[:, None])[:, 0]
-            seq_logp = torch.zeros(n_seq, device=device).index_add(0, nll_seq_t, tok_logp)
-            seq_nll = -seq_logp / tgt_len.clamp(min=1)
-            req_nll = torch.zeros(n_req, device=device).index_add(0, owner_t[rewrite_seq], seq_nll[rewrite_seq])
-            req_nll = req_nll / n_rewrite_per_req
-            kl_logp = torch.log_softmax(upper.logits(top[kl_seq, kl_pos]).float(), dim=-1)
-            if kl_init is None:
-                kl_init = kl_logp.detach().clone()
-            kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
-            req_kl = torch.zeros(n_req, device=device).index_add(0, kl_owner, kl)
-            wd = hp.v_weight_decay * delta.norm(dim=1) / z_init.norm(dim=1) ** 2
+            placed = placed.index_put((torch.arange(n_seq, device=device), prob.lookup),
+                                      delta[prob.owner].to(h_layer.dtype))
+            top = prob.upper.run(h_layer + placed)
+            logp = torch.log_softmax(prob.upper.logits(top[prob.nll_seq, prob.nll_pos]).float(), dim=-1)
+            tok_logp = logp.gather(1, prob.nll_tok[:, None])[:, 0]
+            seq_logp = torch.zeros(n_seq, device=device).index_add(0, prob.nll_seq, tok_logp)
+            seq_nll = -seq_logp / prob.tgt_len.clamp(min=1)
+            req_nll = torch.zeros(prob.n_req, device=device).index_add(
+                0, prob.owner[prob.rewrite_seq], seq_nll[prob.rewrite_seq]) / prob.n_rewrite_per_req
+            kl_logp = torch.log_softmax(
+                prob.upper.logits(top[prob.kl_seq, prob.lookup[prob.kl_seq]]).float(), dim=-1)
+            if kl_init_all is None:
+                kl_init_all = kl_logp.detach().clone()  # one essence prompt per request, in order
+            kl = (kl_logp.exp() * (kl_logp - kl_init_all[ids])).sum(-1)
+            req_kl = torch.zeros(prob.n_req, device=device).index_add(0, prob.owner[prob.kl_seq], kl)
+            wd = hp.v_weight_decay * delta.norm(dim=1) / z_init_norm[ids] ** 2
             loss = req_nll + hp.kl_factor * req_kl + wd
             with torch.no_grad():
-                final_loss = torch.where(active, loss.detach(), final_loss)
-                final_nll = torch.where(active, req_nll.detach(), final_nll)
+                final_loss[ids] = torch.where(active, loss.detach(), final_loss[ids])
+                final_nll[ids] = torch.where(active, req_nll.detach(), final_nll[ids])
                 done = active & (loss.detach() < hp.v_early_stop_loss)
                 if hp.mpes_patience:
-                    greedy = (logp.argmax(-1) == nll_tok_t) | ~mpes_rows
+                    greedy = (logp.argmax(-1) == prob.nll_tok) | ~prob.mpes_rows
                     # a request counts when none of its scored target tokens misses the argmax
-                    seq_misses = torch.zeros(n_seq, device=device).index_add(0, nll_seq_t, (~greedy).float())
-                    req_top1 = torch.zeros(n_req, device=device).index_add(0, owner_t, seq_misses) == 0
-                    mpes_count += (req_top1 & active).float()
-                    done |= active & (mpes_count >= abs(hp.mpes_patience))
+                    seq_misses = torch.zeros(n_seq, device=device).index_add(0, prob.nll_seq, (~greedy).float())
+                    req_top1 = torch.zeros(prob.n_req, device=device).index_add(0, prob.owner, seq_misses) == 0
+                    mpes_all[ids] += (req_top1 & active).float()
+                    done |= active & (mpes_all[ids] >= abs(hp.mpes_patience))
                 active &= ~done
             if not bool(active.any()) or it == hp.v_num_grad_steps - 1:
                 break
@@ -353,11 +487,20 @@ def compute_target_values(model, arch: Architecture, tokenizer, requests, layer:
             with torch.no_grad():
                 delta[~active] = frozen[~active]
                 norms = delta.norm(dim=1)
+                max_norm = max_norm_all[ids]
                 scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
                 delta.mul_(scale[:, None])
-            for r in range(n_req):
+            for r, global_r in enumerate(ids.tolist()):
                 if bool(active[r]):
-                    steps[r] = it + 1
+                    steps[global_r] = it + 1
+            finished = running - int(active.sum())
+            if fast and finished >= max(1, COMPACT_WHEN_DONE * running) and it < hp.v_num_grad_steps - 2 \
+                    and prob.upper.prefix_cached:
+                # the finished requests' sequences leave the upper blocks (their rows stay in the
+                # tensors, at zero, and their loss is masked as before)
+                keep_seq = active[prob.owner].nonzero()[:, 0]
+                prob.upper.narrow(model, arch, layer, keep_seq)
+                running = int(active.sum())
     finally:
         for p, req_grad in zip(model.parameters(), params_frozen):
             p.requires_grad_(req_grad)
@@ -366,5 +509,5 @@ def compute_target_values(model, arch: Architecture, tokenizer, requests, layer:
         z_star=z_star, z_init=z_init,
         loss=final_loss.tolist(), nll=final_nll.tolist(), steps=steps,
         target_prob=torch.exp(-final_nll).tolist(),
-        prefix_cached=upper.prefix_cached,
+        prefix_cached=prefix_cached,
     )
