@@ -123,8 +123,8 @@ class RunConfig:
     def _validate_methods(self) -> None:
         from harness.editors import EDITORS
         from harness.editors.hparams import EditHparams, load_hparams
+        from harness.editors.lyaplock import BASES as bases
 
-        bases = ("memit", "prune", "rect", "alphaedit")
         for m in self.methods:
             base, _, addon = m.partition("-")
             if base not in EDITORS:

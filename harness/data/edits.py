@@ -180,10 +180,10 @@ def _where(dataset: str, i: int, record, location: str | None = None) -> str:
     return f"{location}: {text}" if location else text
 
 
-def _text(value, where: str, key: str, allow_empty: bool = False) -> str:
+def _text(value, where: str, key: str) -> str:
     if not isinstance(value, str):
         raise MalformedRecordError(f"{where}: field '{key}' must be a string, got {_kind(value)}")
-    if not allow_empty and not value.strip():
+    if not value.strip():
         raise MalformedRecordError(f"{where}: field '{key}' is empty")
     if len(value) > MAX_TEXT_CHARS:
         raise MalformedRecordError(

@@ -319,10 +319,10 @@ def _restore_cache(cache, kv) -> None:
 
 @dataclass
 class _Problem:
-    """The sequences of some of a batch's requests, run up to the edit layer and ready for the
+    """The sequences of a chunk of requests, run up to the edit layer and ready for the
     optimisation loop: the upper stack with its cached inputs and every index the loss needs."""
 
-    req_ids: torch.Tensor  # batch positions of these requests
+    n_req: int
     upper: _UpperStack
     h_layer: torch.Tensor
     owner: torch.Tensor
@@ -337,12 +337,8 @@ class _Problem:
     bare_seq: torch.Tensor
     mpes_rows: torch.Tensor
 
-    @property
-    def n_req(self) -> int:
-        return len(self.req_ids)
 
-
-def _prepare(model, arch, tokenizer, requests, req_ids, layer, loss_layer, templates, use_prefix_cache,
+def _prepare(model, arch, tokenizer, requests, layer, loss_layer, templates, use_prefix_cache,
              device, trim_essence: bool = True) -> _Problem:
     texts, owner, lookup, tgt_pos, tgt_tok, is_kl, is_bare = _build(tokenizer, requests, templates)
     # the KL term reads only the subject's last token, which sees nothing after it: the essence
@@ -378,7 +374,7 @@ def _prepare(model, arch, tokenizer, requests, req_ids, layer, loss_layer, templ
         nll_tok += tok
     rewrite_seq = torch.tensor([s for s in range(n_seq) if not is_kl[s]], device=device)
     return _Problem(
-        req_ids=req_ids, upper=upper, h_layer=h_layer, owner=owner_t,
+        n_req=len(requests), upper=upper, h_layer=h_layer, owner=owner_t,
         lookup=torch.tensor(lookup, device=device),
         nll_seq=torch.tensor(nll_seq, device=device), nll_pos=torch.tensor(nll_pos, device=device),
         nll_tok=torch.tensor(nll_tok, device=device),
@@ -404,7 +400,7 @@ def compute_target_values(model, arch: Architecture, tokenizer, requests, layer:
     are independent, so this bounds memory without changing a result). ``fast``: requests that
     stopped early leave the computation, and the essence prompts end at the subject; the same
     numbers as ``fast=False`` to float round-off (tested)."""
-    chunk = int(getattr(hp, "v_batch_size", 0) or 0) or len(requests)
+    chunk = hp.v_batch_size or len(requests)
     parts = [_target_values_chunk(model, arch, tokenizer, requests[s:s + chunk], layer, templates, hp,
                                   use_prefix_cache, fast)
              for s in range(0, len(requests), chunk)]
@@ -424,19 +420,20 @@ def _target_values_chunk(model, arch, tokenizer, requests, layer, templates, hp,
     loss_layer = n_layers - 1 if hp.v_loss_layer is None else min(int(hp.v_loss_layer), n_layers - 1)
     n_req = len(requests)
 
-    prob = _prepare(model, arch, tokenizer, requests, torch.arange(n_req, device=device), layer, loss_layer,
-                    templates, use_prefix_cache, device, trim_essence=fast)
+    prob = _prepare(model, arch, tokenizer, requests, layer, loss_layer, templates, use_prefix_cache, device,
+                    trim_essence=fast)
     prefix_cached = prob.upper.prefix_cached
     d_model = prob.h_layer.shape[-1]
-    z_init = prob.h_layer[prob.bare_seq, prob.lookup[prob.bare_seq]].float()  # (n_req, d), all requests
-    z_init_norm = z_init.norm(dim=1)
-    max_norm_all = hp.clamp_norm_factor * z_init_norm
+    h_layer = prob.h_layer
+    n_seq = h_layer.shape[0]
+    z_init = h_layer[prob.bare_seq, prob.lookup[prob.bare_seq]].float()  # (n_req, d)
+    max_norm = hp.clamp_norm_factor * z_init.norm(dim=1)
     delta = torch.zeros(n_req, d_model, device=device, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     active = torch.ones(n_req, dtype=torch.bool, device=device)
     steps = [0] * n_req
-    mpes_all = torch.zeros(n_req, device=device)
-    kl_init_all = None
+    mpes_count = torch.zeros(n_req, device=device)
+    kl_init = None
     final_loss = torch.zeros(n_req, device=device)
     final_nll = torch.zeros(n_req, device=device)
     params_frozen = [p.requires_grad for p in model.parameters()]
@@ -445,9 +442,6 @@ def _target_values_chunk(model, arch, tokenizer, requests, layer, templates, hp,
     running = n_req  # requests whose sequences still run through the upper blocks
     try:
         for it in range(hp.v_num_grad_steps):
-            ids = prob.req_ids
-            h_layer = prob.h_layer
-            n_seq = h_layer.shape[0]
             placed = torch.zeros(n_seq, h_layer.shape[1], d_model, device=device, dtype=h_layer.dtype)
             placed = placed.index_put((torch.arange(n_seq, device=device), prob.lookup),
                                       delta[prob.owner].to(h_layer.dtype))
@@ -456,27 +450,27 @@ def _target_values_chunk(model, arch, tokenizer, requests, layer, templates, hp,
             tok_logp = logp.gather(1, prob.nll_tok[:, None])[:, 0]
             seq_logp = torch.zeros(n_seq, device=device).index_add(0, prob.nll_seq, tok_logp)
             seq_nll = -seq_logp / prob.tgt_len.clamp(min=1)
-            req_nll = torch.zeros(prob.n_req, device=device).index_add(
+            req_nll = torch.zeros(n_req, device=device).index_add(
                 0, prob.owner[prob.rewrite_seq], seq_nll[prob.rewrite_seq]) / prob.n_rewrite_per_req
             kl_logp = torch.log_softmax(
                 prob.upper.logits(top[prob.kl_seq, prob.lookup[prob.kl_seq]]).float(), dim=-1)
-            if kl_init_all is None:
-                kl_init_all = kl_logp.detach().clone()  # one essence prompt per request, in order
-            kl = (kl_logp.exp() * (kl_logp - kl_init_all[ids])).sum(-1)
-            req_kl = torch.zeros(prob.n_req, device=device).index_add(0, prob.owner[prob.kl_seq], kl)
-            wd = hp.v_weight_decay * delta.norm(dim=1) / z_init_norm[ids] ** 2
+            if kl_init is None:
+                kl_init = kl_logp.detach().clone()
+            kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
+            req_kl = torch.zeros(n_req, device=device).index_add(0, prob.owner[prob.kl_seq], kl)
+            wd = hp.v_weight_decay * delta.norm(dim=1) / z_init.norm(dim=1) ** 2
             loss = req_nll + hp.kl_factor * req_kl + wd
             with torch.no_grad():
-                final_loss[ids] = torch.where(active, loss.detach(), final_loss[ids])
-                final_nll[ids] = torch.where(active, req_nll.detach(), final_nll[ids])
+                final_loss = torch.where(active, loss.detach(), final_loss)
+                final_nll = torch.where(active, req_nll.detach(), final_nll)
                 done = active & (loss.detach() < hp.v_early_stop_loss)
                 if hp.mpes_patience:
                     greedy = (logp.argmax(-1) == prob.nll_tok) | ~prob.mpes_rows
                     # a request counts when none of its scored target tokens misses the argmax
                     seq_misses = torch.zeros(n_seq, device=device).index_add(0, prob.nll_seq, (~greedy).float())
-                    req_top1 = torch.zeros(prob.n_req, device=device).index_add(0, prob.owner, seq_misses) == 0
-                    mpes_all[ids] += (req_top1 & active).float()
-                    done |= active & (mpes_all[ids] >= abs(hp.mpes_patience))
+                    req_top1 = torch.zeros(n_req, device=device).index_add(0, prob.owner, seq_misses) == 0
+                    mpes_count += (req_top1 & active).float()
+                    done |= active & (mpes_count >= abs(hp.mpes_patience))
                 active &= ~done
             if not bool(active.any()) or it == hp.v_num_grad_steps - 1:
                 break
@@ -487,12 +481,11 @@ def _target_values_chunk(model, arch, tokenizer, requests, layer, templates, hp,
             with torch.no_grad():
                 delta[~active] = frozen[~active]
                 norms = delta.norm(dim=1)
-                max_norm = max_norm_all[ids]
                 scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
                 delta.mul_(scale[:, None])
-            for r, global_r in enumerate(ids.tolist()):
+            for r in range(n_req):
                 if bool(active[r]):
-                    steps[global_r] = it + 1
+                    steps[r] = it + 1
             finished = running - int(active.sum())
             if fast and finished >= max(1, COMPACT_WHEN_DONE * running) and it < hp.v_num_grad_steps - 2 \
                     and prob.upper.prefix_cached:
