@@ -5,7 +5,8 @@
 
 Phases: statistics (one-off key second moments, cached on disk after the first run: reported
 separately), targets (target-value optimisation), keys (keys and residuals per layer), solve
-(closed-form update, preservation loss, editor state). Peak memory is the maximum resident set
+(closed-form update of each layer), write (the final weights written, the preservation loss,
+the editor's state and trace). Peak memory is the maximum resident set
 size while that editor ran (the window is reset per editor where Linux allows it, else the
 process's maximum so far); "growth" is the RSS increase from the first to the last batch, which stays
 flat when an editor's memory does not grow with the number of edits.
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     original = {k: v.clone() for k, v in model.state_dict().items()}
     rows = []
     print(f"torch threads: {torch.get_num_threads()}  batches: {args.batches} x {args.batch_size} edits")
-    print(f"{'method':<20}{'s/edit':>8}{'targets':>9}{'keys':>8}{'solve':>8}{'stats s':>9}{'peak MB':>9}{'growth MB':>10}")
+    print(f"{'method':<20}{'s/edit':>8}{'targets':>9}{'keys':>8}{'solve':>8}{'write':>8}{'stats s':>9}{'peak MB':>9}{'growth MB':>10}")
     for method in args.methods.split(","):
         model.load_state_dict(original)
         per_method_peak = reset_peak()
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         editor.prepare()
         prep = time.perf_counter() - t0
-        phases = {"targets": 0.0, "keys": 0.0, "solve": 0.0}
+        phases = {"targets": 0.0, "keys": 0.0, "solve": 0.0, "write": 0.0}
         total, rss = 0.0, []
         for b in range(args.batches):
             rec = editor.apply_batch(requests[b * args.batch_size:(b + 1) * args.batch_size])
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
                "rss_growth_mb": rss[-1] - rss[0]}
         rows.append(row)
         print(f"{row['method']:<20}{row['s_per_edit']:>8.2f}{row['targets']:>9.2f}{row['keys']:>8.2f}"
-              f"{row['solve']:>8.2f}{prep:>9.1f}{peak:>9.0f}{row['rss_growth_mb']:>10.1f}", flush=True)
+              f"{row['solve']:>8.2f}{row['write']:>8.2f}{prep:>9.1f}{peak:>9.0f}{row['rss_growth_mb']:>10.1f}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

@@ -11,7 +11,9 @@ Output directory::
     manifest.json                   config, versions, git commit, hardware, seed
     <method>/trace.jsonl            one line per edit batch (seconds, preservation loss per layer,
                                     threshold, queue, update norm, target-value loss, RSS)
-    <method>/checkpoints/edits_000050/results.json   lm-eval's results format
+    <method>/setup.jsonl            one-off seconds of each (re)start: model load, editor prepare
+    <method>/checkpoints/edits_000050/results.json   lm-eval's results format (seconds per task
+                                    under "seqedit")
     <method>/state/edit_state.pt    edited weights + editor state + RNG states (atomic writes)
     <method>/.lock                  held by the process editing this method (``--only`` splits)
 
@@ -311,8 +313,8 @@ def memory_mb() -> dict:
     rss = proc_status_mb("VmRSS")
     if rss is not None:
         info["rss_mb"] = rss
-    else:
-        info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = proc_status_mb("VmHWM")
+    info["peak_rss_mb"] = peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         info["gpu_allocated_mb"] = torch.cuda.memory_allocated() / 2**20
     return info
@@ -423,7 +425,7 @@ class SequentialRun:
     def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True,
                  only: list[str] | None = None):
         self.cfg = cfg
-        self.out = Path(cfg.output_dir)
+        self.out = Path(cfg.output_dir).expanduser()
         self.resume = resume
         self.progress = progress
         # a subset of the config's methods for this process: one run split over several processes
@@ -527,7 +529,9 @@ class SequentialRun:
             return
         state_path = mdir / "state" / "edit_state.pt"
         trace_path = mdir / "trace.jsonl"
+        t0 = time.perf_counter()
         lm = self._build_lm(method)
+        self._record_setup(method, "model_load_seconds", time.perf_counter() - t0)
         done = 0
         state, state_report = load_verified_state(state_path)
         if state_report:
@@ -567,15 +571,26 @@ class SequentialRun:
                 self._save_state(lm, state_path)
                 batches_since_save = 0
 
+        prepare_recorded = False
         for point in cfg.checkpoints():
             if point > done:
                 lm.apply_edits(stream[done:point], on_batch=on_batch)
                 done = point
+                if not prepare_recorded and getattr(lm.editor, "prepare_seconds", None) is not None:
+                    # context templates, key statistics (computed or read from the cache), projectors
+                    self._record_setup(method, "prepare_seconds", lm.editor.prepare_seconds)
+                    prepare_recorded = True
                 if batches_since_save:  # the state at every checkpoint is saved (once)
                     self._save_state(lm, state_path)
                     batches_since_save = 0
             if point == done:
                 self._evaluate(lm, method, point)
+
+    def _record_setup(self, method: str, name: str, value: float) -> None:
+        """One-off costs of each (re)start of a method, appended to ``<method>/setup.jsonl``."""
+        path = self._method_dir(method) / "setup.jsonl"
+        with open(path, "a") as fh:
+            fh.write(json.dumps({name: value, "time": time.time()}) + "\n")
 
     def _save_state(self, lm, path: Path) -> None:
         save_verified_state({"lm": lm.edit_state(), "rng": _get_rng_state()}, path)
@@ -636,7 +651,8 @@ class SequentialRun:
         results = evaluate(lm, self.cfg, self.task_manager)
         samples = results.pop("samples", None)
         results["seqedit"] = {"method": method, "num_edits": point, "model_name": self.cfg.model_name,
-                              "edited_case_ids": [r.case_id for r in lm.edited_requests]}
+                              "edited_case_ids": [r.case_id for r in lm.edited_requests],
+                              "evaluation_seconds": results.pop("evaluation_seconds")}
         if samples is not None:
             atomic_write_text(path.with_name("samples.json"), json.dumps(samples, default=_json_default))
         atomic_write_text(path, json.dumps(results, indent=2, default=_json_default))
@@ -667,16 +683,21 @@ def evaluate(lm, cfg: RunConfig, task_manager=None) -> dict:
     general = [t for t in cfg.tasks if t not in editing]
     editing_limit = None if lm.num_edited else (cfg.num_edits or None)
     merged: dict = {}
+    seconds: dict[str, float] = {}
     for tasks, limit in ((editing, editing_limit), (general, cfg.limit)):
-        if not tasks:
-            continue
-        res = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, limit=limit, num_fewshot=cfg.num_fewshot, log_samples=cfg.log_samples,
-            task_manager=task_manager,
-            random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-            fewshot_random_seed=cfg.seed, confirm_run_unsafe_code=cfg.confirm_run_unsafe_code,
-        )
-        _merge_results(merged, res)
+        # one call per task: its cost is measured on its own, and its seeds do not depend on
+        # which other tasks the run lists
+        for task in tasks:
+            t0 = time.perf_counter()
+            res = lm_eval.simple_evaluate(
+                model=lm, tasks=[task], limit=limit, num_fewshot=cfg.num_fewshot, log_samples=cfg.log_samples,
+                task_manager=task_manager,
+                random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+                fewshot_random_seed=cfg.seed, confirm_run_unsafe_code=cfg.confirm_run_unsafe_code,
+            )
+            seconds[task] = time.perf_counter() - t0
+            _merge_results(merged, res)
+    merged["evaluation_seconds"] = seconds
     return merged
 
 

@@ -21,7 +21,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
-from harness import generation, session
+from harness import generation, scoring, session
 from harness.data import MalformedRecordError, load_edit_data
 from harness.editors import editor_class
 from harness.editors.hparams import EditHparams, load_hparams
@@ -168,6 +168,14 @@ class EditingLM(HFLM):
                     raise MalformedRecordError(
                         f"{where}: {field_name} is {length} tokens long; {self.model_name} takes {context} "
                         f"tokens, {prefix} of them kept for the context templates, so at most {budget}")
+
+    # ------------------------------------------------------------------ scoring
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        # the editing tasks' requests overlap (harness/scoring.py); the values are HFLM's
+        return scoring.loglikelihood_tokens(self, requests, disable_tqdm)
+
+    def _hflm_loglikelihood_tokens(self, requests, disable_tqdm: bool = False):
+        return HFLM._loglikelihood_tokens(self, requests, disable_tqdm=disable_tqdm)
 
     # ------------------------------------------------------------------ editing
     def apply_edits(self, requests, batch_size: int | None = None, on_batch=None) -> list[dict]:

@@ -118,6 +118,22 @@ def test_kill_and_resume_equals_uninterrupted(tiny_dir, tmp_path):
     rec = json.loads(lines[-1])
     assert rec["edits_done"] == 24 and {"preservation_loss", "threshold", "queue", "update_norm"} <= set(rec["layers"]["1"])
     assert rec["rss_mb"] > 50  # the process holds at least torch and the tiny model
+    assert rec["peak_rss_mb"] >= rec["rss_mb"]
+    assert set(rec["phase_seconds"]) == {"targets", "keys", "solve", "write"}
+    # the profile's inputs: one-off costs per (re)start, each evaluation task's seconds
+    setup = [json.loads(line) for line in (tmp_path / "killed" / "lyaplock" / "setup.jsonl").read_text().splitlines()]
+    assert sum("model_load_seconds" in s for s in setup) == 3  # killed, resumed, resumed again
+    assert all(s.get("model_load_seconds", 1) > 0 and s.get("prepare_seconds", 1) > 0 for s in setup)
+    assert any("prepare_seconds" in s for s in setup)
+    assert set(final["seqedit"]["evaluation_seconds"]) == {"counterfact_edit_scores"}
+    assert final["seqedit"]["evaluation_seconds"]["counterfact_edit_scores"] > 0
+    import runpy
+
+    profile = runpy.run_path(str(Path(__file__).parents[1] / "bench" / "profile_run.py"))["profile"]
+    table = "\n".join(profile(tmp_path / "straight" / "lyaplock"))
+    for phase in ("model load", "prepare", "editing: targets", "editing: write",
+                  "evaluation at 24 edits: counterfact_edit_scores"):
+        assert phase in table
 
 
 def test_one_run_split_over_two_processes_equals_one_process(tiny_dir, tmp_path):

@@ -150,11 +150,11 @@ class Editor:
                 entry["preservation_loss"] = preservation_loss(W_new, self.W0[layer], self.C0[layer])
             entry.update(self.after_layer(i, layer, W_new, K, entry.get("preservation_loss")) or {})
             layers_trace[str(layer)] = entry
-        phases["solve"] += time.perf_counter() - t0
+        phases["write"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         extra = self.after_batch(requests) or {}
         self.present(layers_trace)
-        phases["solve"] += time.perf_counter() - t0
+        phases["write"] += time.perf_counter() - t0
         self.batches_done += 1
         self.edits_done += len(requests)
         return self.batch_record(requests, t_start, phases, tv.loss, tv.target_prob, tv.steps, layers_trace, **extra)
