@@ -14,6 +14,9 @@ prompt. Here, for the same numbers:
 * the head and the log-softmax are computed only at the suffix positions;
 * rows are sorted by length and batched by a token budget instead of a fixed row count.
 
+A model with sliding-window layers (Gemma 3) runs a sequence as long as its window whole, without
+a shared prefix: such a layer forgets what leaves the window, so its cache cannot be cut back.
+
 Each answer is HFLM's: the summed log-probability of the continuation's tokens under
 ``log_softmax`` of the logits, and whether every one of them is the argmax. Left padding with an
 attention mask and explicit positions keeps each row's arithmetic its own; the values agree
@@ -165,6 +168,17 @@ def _run_batch(model, batch: list[_Group], pad_id: int, device):
                 yield carriers[r], chosen[r], greedy[r], width - len(suffixes[r])
 
 
+def sliding_window(model) -> int | None:
+    """The attention window of a model with sliding-window layers (Gemma 3, Mistral); None if
+    every layer attends to the whole sequence."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
 def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
           progress: Callable[[int], None] | None = None) -> list[tuple[float, bool]]:
     """(summed log-probability of the continuation, every continuation token is the argmax) for
@@ -178,8 +192,16 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id
         if not ctx or not cont:
             raise ValueError("every request needs at least one context and one continuation token")
         firsts.append(len(ctx) - 1)
+    carriers = _carriers(sequences, firsts)
+    window = sliding_window(model)
+    if window is not None:
+        for c in carriers:
+            if len(c.tokens) >= window:
+                # a sliding-window layer drops what falls out of its window, so a cache cut back
+                # after a round could not be restored: such a sequence runs whole, without a prefix
+                c.first = 0
     answers: list[tuple[float, bool] | None] = [None] * len(requests)
-    for batch in _batches(_groups(_carriers(sequences, firsts))):
+    for batch in _batches(_groups(carriers)):
         for carrier, chosen, greedy, offset in _run_batch(model, batch, pad_id, device):
             for i, start, stop in carrier.members:
                 # positions start..stop-1 of the carrier predict the request's continuation

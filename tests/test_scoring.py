@@ -108,3 +108,28 @@ def test_the_editing_wrapper_scores_through_the_engine_and_hands_overlong_reques
         assert ll == pytest.approx(ref_ll, abs=2e-4, rel=1e-5)
         assert greedy == ref_greedy
     assert torch.isfinite(torch.tensor([a for a, _ in ours])).all()
+
+
+def test_sliding_window_models_score_long_sequences_whole():
+    """Gemma 3's sliding-window layers drop the states that leave the window, so a cache cut
+    back after a round cannot be restored: sequences as long as the window run without one."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from harness.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                              layer_types=["sliding_attention", "sliding_attention", "sliding_attention",
+                                           "full_attention"], max_position_embeddings=256,
+                              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    assert scoring.sliding_window(model) == 8
+    requests = _requests(len(tok), seed=4)
+    assert any(len(c) + len(x) < 8 for c, x in requests) and any(len(c) + len(x) > 20 for c, x in requests)
+    ours = scoring.score(model, requests, tok.pad_token_id)
+    for (direct_ll, direct_greedy), (ll, greedy) in zip(_direct(model, requests), ours):
+        assert ll == pytest.approx(direct_ll, abs=2e-4, rel=1e-5)
+        assert greedy == direct_greedy
