@@ -22,6 +22,17 @@ TOTAL_TOKENS_KEY = "total_tokens"
 SAMPLER_MIN_BATCH = 64
 
 
+def left_padded(rows, width: int, pad_id: int, device):
+    """(ids, attention mask) of token-id rows padded on the left to ``width``."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        if len(row):
+            ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[r, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.inference_mode()
 def sample_to_total_length(model, prompts: list[list[int]], total_tokens: int, top_k: int,
                            pad_token_id: int, seeds: list[int], batch_size: int = 16,
@@ -35,12 +46,7 @@ def sample_to_total_length(model, prompts: list[list[int]], total_tokens: int, t
     for start in range(0, len(order), max(1, batch_size)):
         rows = order[start:start + batch_size]
         width = max(len(prompts[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]):] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = left_padded([prompts[i] for i in rows], width, pad_token_id, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         generators = [torch.Generator(device="cpu").manual_seed(seeds[i]) for i in rows]
         wanted = [total_tokens - len(prompts[i]) for i in rows]

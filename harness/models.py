@@ -172,10 +172,8 @@ class EditingLM(HFLM):
     # ------------------------------------------------------------------ scoring
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         # the editing tasks' requests overlap (harness/scoring.py); the values are HFLM's
-        return scoring.loglikelihood_tokens(self, requests, disable_tqdm)
-
-    def _hflm_loglikelihood_tokens(self, requests, disable_tqdm: bool = False):
-        return HFLM._loglikelihood_tokens(self, requests, disable_tqdm=disable_tqdm)
+        return scoring.loglikelihood_tokens(
+            self, requests, lambda reqs: HFLM._loglikelihood_tokens(self, reqs, disable_tqdm=True), disable_tqdm)
 
     # ------------------------------------------------------------------ editing
     def apply_edits(self, requests, batch_size: int | None = None, on_batch=None) -> list[dict]:

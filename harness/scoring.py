@@ -9,8 +9,8 @@ prompt. Here, for the same numbers:
 * a request whose tokens are a prefix of another request's tokens is read from the longer
   one's pass (a causal model's logits at a position depend only on the tokens up to it);
 * the tokens before the first position whose logits any request needs form a *prefix*; the
-  rows that share one are run through the model once, and its key/value cache is repeated for
-  each of them before their *suffixes* run;
+  rows that share one are run through the model once, and their *suffixes* run on its
+  key/value cache in rounds, the cache cut back to the prefix after each;
 * the head and the log-softmax are computed only at the suffix positions;
 * rows are sorted by length and batched by a token budget instead of a fixed row count.
 
@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from harness.generation import left_padded
 
 # rows x width of one stage-2 batch: its logits take this many x vocabulary floats
 # (prefix rows x width near 2,048 tokens is where 2 CPU cores run a 135M model fastest)
@@ -116,16 +118,6 @@ def _suffix_width(group: _Group) -> int:
     return max(len(c.tokens) - 1 - c.first for c in group.carriers)
 
 
-def _left_padded(rows: list[Sequence[int]], width: int, pad_id: int, device):
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        if row:
-            ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[r, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.inference_mode()
 def _run_batch(model, batch: list[_Group], pad_id: int, device):
     """Yields (carrier, log-probability of each next token, whether it is the argmax, offset of
@@ -138,7 +130,7 @@ def _run_batch(model, batch: list[_Group], pad_id: int, device):
     cache, prefix_mask = None, None
     if batch[0].prefix:
         width = max(len(g.prefix) for g in batch)
-        ids, prefix_mask = _left_padded([g.prefix for g in batch], width, pad_id, device)
+        ids, prefix_mask = left_padded([g.prefix for g in batch], width, pad_id, device)
         positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1)
@@ -148,7 +140,7 @@ def _run_batch(model, batch: list[_Group], pad_id: int, device):
         carriers = [g.carriers[min(k, len(g.carriers) - 1)] for g in batch]
         suffixes = [c.tokens[c.first:-1] for c in carriers]
         width = max(len(s) for s in suffixes)
-        ids, mask = _left_padded(suffixes, width, pad_id, device)
+        ids, mask = left_padded(suffixes, width, pad_id, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if cache is not None:
             positions = positions + prefix_lengths[:, None]
@@ -212,10 +204,10 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id
     return answers  # type: ignore[return-value]
 
 
-def loglikelihood_tokens(lm, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+def loglikelihood_tokens(lm, requests, fallback, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
     """HFLM's ``_loglikelihood_tokens`` for a causal ``lm``: the requests that fit the model's
     context go through :func:`score`; the rare longer ones HFLM truncates from the left, so they
-    take HFLM's own path."""
+    go to ``fallback(requests)``, HFLM's own path."""
     from tqdm.auto import tqdm
 
     limit = lm.max_length + 1
@@ -230,7 +222,7 @@ def loglikelihood_tokens(lm, requests, disable_tqdm: bool = False) -> list[tuple
         if requests[k][0] is not None:
             lm.cache_hook.add_partial("loglikelihood", requests[k][0], answer)
     if long:
-        for k, answer in zip(long, lm._hflm_loglikelihood_tokens([requests[k] for k in long], disable_tqdm=True)):
+        for k, answer in zip(long, fallback([requests[k] for k in long])):
             answers[k] = answer
         bar.update(len(long))
     bar.close()
