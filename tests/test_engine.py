@@ -1,6 +1,7 @@
 """Editing engine on tiny models: target values, keys, statistics, editors, wrappers, state."""
 
 import copy
+import dataclasses
 import json
 import random
 
@@ -15,6 +16,7 @@ from harness.editors.hparams import EditHparams, load_hparams
 from harness.editors.keys import compute_keys, read_at_subject, templated_prompts
 from harness.editors.stats import accumulate_second_moments, load_or_compute_second_moments
 from harness.editors.targets import compute_target_values
+from harness.editors.tokens import subject_last_index
 from harness.testing import tiny_model
 
 FAST = dict(layers=[1, 2], v_num_grad_steps=6, stats_samples=40, stats_max_tokens=64,
@@ -270,16 +272,25 @@ class _Req:
         self.args = args
 
 
+def _subject_first(tok, request, subject):
+    """``request`` about a one-token ``subject`` that opens its prompt: the bare prompt's subject
+    ends on its first token (no BOS in this tokenizer), so that sequence has no prefix to cache."""
+    assert subject_last_index(tok, request.prompt, subject) == 0
+    return dataclasses.replace(request, subject=subject)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gptj"])
 def test_prefix_cache_gives_the_full_sequence_result(arch, requests):
     """Running only the suffix tokens above the edit layer against a KV cache of the prefix is an
-    optimisation, not an approximation."""
+    optimisation, not an approximation; a sequence with nothing before its subject's last token
+    runs whole and keeps the others on the cached path."""
     model, tok = tiny_model(arch)
     arch_ = architecture_for(model)
     hp = EditHparams(**{**FAST, "v_num_grad_steps": 5})
     templates = generate_context_templates(model, tok, hp.context_templates, seed=0)
-    fast = compute_target_values(model, arch_, tok, requests[:3], 1, templates, hp)
-    full = compute_target_values(model, arch_, tok, requests[:3], 1, templates, hp, use_prefix_cache=False)
+    batch = [*requests[:3], _subject_first(tok, requests[6], "Paris")]
+    fast = compute_target_values(model, arch_, tok, batch, 1, templates, hp)
+    full = compute_target_values(model, arch_, tok, batch, 1, templates, hp, use_prefix_cache=False)
     assert fast.prefix_cached and not full.prefix_cached
     assert torch.allclose(fast.z_star, full.z_star, atol=1e-4, rtol=1e-4)
     assert fast.nll == pytest.approx(full.nll, rel=1e-4)
@@ -358,6 +369,29 @@ def test_target_tokens_get_one_leading_space_as_the_reference(family, request):
     assert tok.bos_token_id not in target_ids(tok, "Paris")
 
 
+def test_narrowed_upper_blocks_give_the_rows_they_keep_unchanged(requests):
+    """Narrowing to the requests still running keeps each kept row's output, in groups with a
+    prefix cache and in the uncached groups of sequences that have no prefix."""
+    from harness.editors import targets
+
+    model, tok = tiny_model("llama")
+    arch_ = architecture_for(model)
+    templates = generate_context_templates(model, tok, FAST["context_templates"], seed=0)
+    batch = [requests[0], _subject_first(tok, requests[2], "Paris"), _subject_first(tok, requests[2], "France")]
+    prob = targets._prepare(model, arch_, tok, batch, 1, 3, templates, True, torch.device("cpu"))
+    uncached = [g for g in prob.upper.groups if g.cache is None]
+    # the bare prompts "Paris, the" and "France, the", and the essence prompts cut to the subject
+    assert [len(g.rows) for g in uncached] == [2, 2]
+    with torch.no_grad():
+        full = prob.upper.run(prob.h_layer)
+        keep = (prob.owner != 1).nonzero()[:, 0]
+        prob.upper.narrow(model, arch_, 1, keep)
+        narrowed = prob.upper.run(prob.h_layer)
+    assert [len(g.rows) for g in prob.upper.groups if g.cache is None] == [1, 1]
+    torch.testing.assert_close(narrowed[keep], full[keep])
+    assert not narrowed[prob.owner == 1].any()
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gptj"])
 def test_fast_target_values_equal_the_plain_computation(arch, requests):
     """Dropping finished requests from later steps, cutting the essence prompts at the subject and
@@ -368,7 +402,10 @@ def test_fast_target_values_equal_the_plain_computation(arch, requests):
     # early-stop threshold is the median loss after 6 steps: about half the requests stop early
     plain_hp = {**FAST, "v_weight_decay": 0.0, "kl_factor": 0.0, "clamp_norm_factor": 4.0, "v_lr": 2.0}
     templates = generate_context_templates(model, tok, FAST["context_templates"], seed=0)
-    batch = requests[:8]
+    # two requests with a sequence that has no prefix: their uncached group is narrowed too
+    batch = [*requests[:2], _subject_first(tok, requests[2], "Paris"), *requests[3:6],
+             _subject_first(tok, requests[6], "France"),
+             requests[7]]
     probe = compute_target_values(model, arch_, tok, batch, 2, templates,
                                   EditHparams(**{**plain_hp, "v_num_grad_steps": 6, "v_early_stop_loss": 0.0}))
     threshold = sorted(probe.loss)[4]

@@ -214,18 +214,22 @@ def _suffix_pass(model, arch, layer, upper: _UpperStack, tokenizer, texts, looku
     enc = [tokenizer(t).input_ids for t in texts]
     prefixes = [e[:p] for e, p in zip(enc, lookup)]
     suffixes = [e[p:] for e, p in zip(enc, lookup)]
-    if min(len(x) for x in prefixes) == 0:
-        return None
     width = max(len(x) for x in suffixes)
-    by_length: dict[int, list[int]] = {}
-    for row, suffix in enumerate(suffixes):
-        by_length.setdefault(len(suffix), []).append(row)
+    # a sequence whose subject ends on its first token (a bare prompt that starts with a one-token
+    # subject, in a tokenizer without BOS) has no prefix to cache: such sequences form groups of
+    # their own that run whole, so that they do not send the whole chunk down the slow path
+    by_length: dict[tuple[int, bool], list[int]] = {}
+    for row, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
+        by_length.setdefault((len(suffix), bool(prefix)), []).append(row)
     h_layer = None
     groups = []
-    for length, rows in sorted(by_length.items()):
+    for (length, has_prefix), rows in sorted(by_length.items()):
         group = _Group(torch.tensor(rows, device=device), length)
-        h = _group_suffix_pass(model, arch, layer, upper, group, tokenizer.pad_token_id,
-                               [prefixes[r] for r in rows], [suffixes[r] for r in rows], device)
+        if has_prefix:
+            h = _group_suffix_pass(model, arch, layer, upper, group, tokenizer.pad_token_id,
+                                   [prefixes[r] for r in rows], [suffixes[r] for r in rows], device)
+        else:
+            h = _group_whole_pass(model, arch, layer, upper, group, [suffixes[r] for r in rows], device)
         if h is None:
             return None
         if h_layer is None:
@@ -264,6 +268,12 @@ def _group_suffix_pass(model, arch, layer, upper, group: _Group, pad, prefixes, 
     return h
 
 
+def _group_whole_pass(model, arch, layer, upper, group: _Group, sequences, device):
+    group.suf_ids = torch.tensor(sequences, device=device)
+    return _run_to_layer(model, arch, layer, upper, group, input_ids=group.suf_ids,
+                         attention_mask=torch.ones_like(group.suf_ids), use_cache=False)
+
+
 def _new_cache(model):
     from transformers import DynamicCache
 
@@ -277,6 +287,9 @@ def _narrowed_group(model, arch, layer, upper, group: _Group, local: torch.Tenso
     """``group`` restricted to its rows ``local``: their slice of the prefix cache, and their suffix
     run again up to the edit layer (cheap: a few tokens through the lower blocks)."""
     narrowed = _Group(group.rows[local], group.length)
+    if group.cache is None:
+        _group_whole_pass(model, arch, layer, upper, narrowed, group.suf_ids[local].tolist(), group.suf_ids.device)
+        return narrowed
     cache = _new_cache(model)
     for i, (k, v) in enumerate(group.prefix_kv):
         cache.update(k[local], v[local], i)
