@@ -32,6 +32,7 @@ import logging
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ from pathlib import Path
 import yaml
 
 from harness.errors import ConfigError, UserError, did_you_mean, unknown_names_error, whole_number
+from harness.sampling import SamplePlan, plan_sample, retention, stratified_mean
 
 log = logging.getLogger("harness.driver")
 
@@ -57,8 +59,12 @@ class RunConfig:
     num_edits: int = 20
     edit_batch_size: int = 10
     eval_every: int = 10
+    eval_at: list[int] = field(default_factory=list)  # checkpoints besides every eval_every edits
     tasks: list[str] = field(default_factory=lambda: ["counterfact_edit"])
     limit: int | None = None  # per general-capability task; editing tasks score every edited record
+    # records an editing task scores at a checkpoint (None: all); the last checkpoint scores all
+    eval_sample: int | None = 500
+    fluency_sample: int | None = 100
     num_fewshot: int | None = None
     eval_batch_size: int = 8
     task_metadata: dict = field(default_factory=dict)
@@ -103,6 +109,23 @@ class RunConfig:
                               ("eval_batch_size", 1), ("save_every", 1)):
             setattr(self, name, whole_number(name, getattr(self, name), minimum))
         self.limit = whole_number("limit", self.limit, minimum=1, allow_none=True)
+        for name in ("eval_sample", "fluency_sample"):
+            value = getattr(self, name)
+            value = None if isinstance(value, str) and value.strip().lower() in ("all", "null", "none") else value
+            setattr(self, name, whole_number(name, value, minimum=1, allow_none=True))
+        if self.eval_sample is not None and self.eval_sample <= self.edit_batch_size < self.num_edits:
+            raise ConfigError(
+                f"eval_sample ({self.eval_sample}) must exceed edit_batch_size ({self.edit_batch_size}): a "
+                "checkpoint scores the whole first batch and a share of every later tenth of the edits; "
+                "raise eval_sample, or set it to null to score every edited record")
+        if not isinstance(self.eval_at, list):
+            raise ConfigError(f"eval_at must be a list of edit counts, got {self.eval_at!r}")
+        self.eval_at = [whole_number("eval_at", x, 1) for x in self.eval_at]
+        off = [x for x in self.eval_at if x % self.edit_batch_size or x > self.num_edits]
+        if off:
+            raise ConfigError(
+                f"eval_at {off}: each must be a multiple of edit_batch_size ({self.edit_batch_size}) and at "
+                f"most num_edits ({self.num_edits}), so that evaluations fall between batches of the run")
         if self.eval_every % self.edit_batch_size:
             raise ConfigError(
                 f"eval_every ({self.eval_every}) must be a multiple of edit_batch_size "
@@ -181,10 +204,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def checkpoints(self) -> list[int]:
-        points = list(range(0, self.num_edits + 1, self.eval_every))
-        if points[-1] != self.num_edits:
-            points.append(self.num_edits)
-        return points
+        return sorted({*range(0, self.num_edits + 1, self.eval_every), *self.eval_at, self.num_edits})
 
 
 # ---------------------------------------------------------------------------- files
@@ -440,6 +460,8 @@ class SequentialRun:
     # where the run lives and where caches go do not change its results: a run directory moved
     # or copied elsewhere resumes
     PLACE_KEYS = ("output_dir", "cache_dir")
+    # what a run whose manifest predates a key did: its value there, for the comparison
+    LEGACY_VALUES = {"eval_sample": None, "fluency_sample": None, "eval_at": []}
 
     def _check_or_write_manifest(self) -> None:
         path = self.out / "manifest.json"
@@ -450,11 +472,14 @@ class SequentialRun:
                 raise ConfigError(f"{path} is damaged (not a JSON manifest); restore it from a copy, or remove "
                                   "it to adopt this directory with the current config") from None
             new = json.loads(json.dumps(self.cfg.to_dict()))
+            old = {**self.LEGACY_VALUES, **old}
             diff = sorted(k for k in set(new) | set(old) if k not in self.PLACE_KEYS and old.get(k) != new.get(k))
             if diff:
+                was = ", ".join(f"{k}: {json.dumps(old.get(k))}" for k in diff)
                 raise ConfigError(
-                    f"{self.out} already holds a run with a different config (differs in: {', '.join(diff)}); "
-                    "refusing to mix them: choose another --output_dir or restore the original config")
+                    f"{self.out} already holds a run with a different config (differs in: {', '.join(diff)}; "
+                    f"the run has {was}); refusing to mix them: choose another --output_dir or restore the "
+                    "original config")
             if not self.resume:
                 raise ConfigError(f"{self.out} already holds this run; add --resume to continue it")
             return
@@ -558,9 +583,14 @@ class SequentialRun:
         lm.check_prompt_lengths(stream[done:])
         batches_since_save = 0
 
+        forecast_due = True
+
         def on_batch(record):
-            nonlocal batches_since_save
+            nonlocal batches_since_save, forecast_due
             record = {**record, **memory_mb()}
+            if forecast_due:
+                forecast_due = False
+                self.bar.write(f"[{method}] " + self._forecast(method, record))
             with open(trace_path, "a") as fh:
                 fh.write(json.dumps(record, default=_json_default) + "\n")
                 fh.flush()
@@ -585,6 +615,35 @@ class SequentialRun:
                     batches_since_save = 0
             if point == done:
                 self._evaluate(lm, method, point)
+
+    def _forecast(self, method: str, first_batch: dict) -> str:
+        """What is left of this process's work, in hours, from this batch's seconds per edit and the
+        evaluation seconds of the checkpoints on disk (the pre-edited one if none later)."""
+        cfg = self.cfg
+        rate = first_batch["edit_seconds"] / max(1, first_batch["batch_size"])
+        later = self.methods[self.methods.index(method) + 1:]
+        edits_left = cfg.num_edits - first_batch["edits_done"] + cfg.num_edits * len(later)
+        measured = []
+        for p in cfg.checkpoints():
+            path = self._checkpoint_path(method, p)
+            if path.exists():
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+                    measured.append((p, sum(json.loads(path.read_text())["seqedit"]["evaluation_seconds"].values())))
+        # the pre-edited checkpoint scores the whole planned stream's sample; later ones alike
+        per_checkpoint = (sum(x for p, x in measured if p) / max(1, sum(1 for p, _ in measured if p))
+                          if any(p for p, _ in measured) else (measured[0][1] if measured else None))
+        points_left = sum(1 for p in cfg.checkpoints() if p >= first_batch["edits_done"]
+                          and not self._checkpoint_path(method, p).exists()) + len(cfg.checkpoints()) * len(later)
+        editing_h = edits_left * rate / 3600
+        text = f"forecast: {edits_left:,} edits left at {rate:.2f} s/edit = {editing_h:.1f} h of editing"
+        total_h = editing_h
+        if per_checkpoint is not None:
+            eval_h = points_left * per_checkpoint / 3600
+            total_h += eval_h
+            text += (f"; {points_left} checkpoints at about {per_checkpoint / 60:.0f} min = {eval_h:.1f} h of "
+                     "evaluation (the last one scores every edited record: longer)")
+        finish = time.strftime("%Y-%m-%d %H:%M", time.localtime(time.time() + total_h * 3600))
+        return text + f"; done about {finish} if nothing else runs"
 
     def _record_setup(self, method: str, name: str, value: float) -> None:
         """One-off costs of each (re)start of a method, appended to ``<method>/setup.jsonl``."""
@@ -648,14 +707,18 @@ class SequentialRun:
             return
         if getattr(self, "task_manager", None) is None:
             self.task_manager = task_manager_for(self.cfg)
-        results = evaluate(lm, self.cfg, self.task_manager)
+        partial_dir = path.parent / "partial"
+        results = evaluate(lm, self.cfg, self.task_manager, final=point == self.cfg.num_edits,
+                           partial_dir=partial_dir)
         samples = results.pop("samples", None)
         results["seqedit"] = {"method": method, "num_edits": point, "model_name": self.cfg.model_name,
                               "edited_case_ids": [r.case_id for r in lm.edited_requests],
-                              "evaluation_seconds": results.pop("evaluation_seconds")}
+                              "evaluation_seconds": results.pop("evaluation_seconds"),
+                              **results.pop("seqedit")}
         if samples is not None:
             atomic_write_text(path.with_name("samples.json"), json.dumps(samples, default=_json_default))
         atomic_write_text(path, json.dumps(results, indent=2, default=_json_default))
+        shutil.rmtree(partial_dir, ignore_errors=True)
         self.bar.write(f"[{method} @ {point} edits] " + summarize(results))
 
 
@@ -671,34 +734,142 @@ def task_manager_for(cfg: RunConfig):
     return TaskManager(include_path=tasks_dir(), include_defaults=not only_ours, metadata=dict(cfg.task_metadata))
 
 
-def evaluate(lm, cfg: RunConfig, task_manager=None) -> dict:
-    """lm-eval on the in-memory model: editing tasks on every edited record, the rest with ``limit``.
+# the editing tasks whose records a checkpoint samples, and the run-config field that sizes each
+SAMPLED_TASKS = {"counterfact_edit_scores": "eval_sample", "zsre_edit_scores": "eval_sample",
+                 "counterfact_edit_generation": "fluency_sample"}
+RETENTION_METRICS = ("efficacy", "generalization")
+
+
+def evaluation_plans(cfg: RunConfig, n_records: int, final: bool) -> dict[str, SamplePlan]:
+    """The sample each budget field gives at a checkpoint over ``n_records`` records in edit order.
+    The scores keep the whole first batch; fluency spreads its smaller sample over the tenths."""
+    return {field_: plan_sample(n_records, getattr(cfg, field_),
+                                cfg.edit_batch_size if field_ == "eval_sample" else 0, cfg.seed, complete=final)
+            for field_ in ("eval_sample", "fluency_sample")}
+
+
+# records of an editing task per lm-eval call: a checkpoint that scores every one of 10,000 edited
+# records takes hours, and a killed evaluation resumes from its last finished chunk
+EVAL_CHUNK = 1000
+
+
+def _evaluation_units(cfg: RunConfig, editing: list[str], plans: dict[str, SamplePlan], n_planned: int):
+    """(name, lm-eval task, limit, sample positions or None) of every lm-eval call of a checkpoint,
+    in order. A sampled editing group runs as its subtasks, each in chunks of ``EVAL_CHUNK``."""
+    for task in cfg.tasks:
+        if task not in editing:
+            yield task, task, cfg.limit, None
+            continue
+        subtasks = [t for t in SAMPLED_TASKS if t == task or t.startswith(task + "_")]
+        if not plans or not subtasks:
+            # not sampled: the records edited so far (before any edit, the ones the run will edit)
+            yield task, task, n_planned or None, None
+            continue
+        for sub in subtasks:
+            positions = plans[SAMPLED_TASKS[sub]].positions
+            for k in range(0, len(positions), EVAL_CHUNK):
+                yield f"{sub}.{k // EVAL_CHUNK:04d}", sub, None, positions[k:k + EVAL_CHUNK]
+
+
+def evaluate(lm, cfg: RunConfig, task_manager=None, final: bool = True, partial_dir: Path | None = None) -> dict:
+    """lm-eval on the in-memory model: editing tasks on a stratified sample of the edited records
+    (``harness.sampling``; every record when ``final``), the rest with ``limit``.
 
     Before the first edit the editing tasks score the records this run is going to edit (the
-    first ``num_edits`` of the stream): the pre-edited row of the same facts, not the whole file."""
+    first ``num_edits`` of the stream, sampled alike): the pre-edited row of the same facts.
+    With ``partial_dir`` each lm-eval call's output is kept there as it finishes and reused by a
+    later call for the same checkpoint (a run killed in the middle of an evaluation)."""
     import lm_eval
 
     task_manager = task_manager or task_manager_for(cfg)
     editing = [t for t in cfg.tasks if t.startswith(EDITING_TASK_PREFIXES)]
-    general = [t for t in cfg.tasks if t not in editing]
-    editing_limit = None if lm.num_edited else (cfg.num_edits or None)
-    merged: dict = {}
+    order = [r.case_id for r in (lm.edited_requests if lm.num_edited else lm.stream[: cfg.num_edits])]
+    plans = evaluation_plans(cfg, len(order), final) if order else {}
+    merged: dict = {"seqedit": {"evaluation_sample": {}, "retention": {}}}
     seconds: dict[str, float] = {}
-    for tasks, limit in ((editing, editing_limit), (general, cfg.limit)):
-        # one call per task: its cost is measured on its own, and its seeds do not depend on
-        # which other tasks the run lists
-        for task in tasks:
+    chunks: dict[str, list[dict]] = {}  # sampled subtask -> its chunks' lm-eval outputs
+    for name, task, limit, positions in _evaluation_units(cfg, editing, plans, len(order)):
+        partial = partial_dir / f"{name}.json" if partial_dir is not None else None
+        res = _read_partial(partial)
+        if res is None:
+            # one call per task (or chunk): its cost is measured on its own, and its seeds do not
+            # depend on which other tasks the run lists
             t0 = time.perf_counter()
             res = lm_eval.simple_evaluate(
-                model=lm, tasks=[task], limit=limit, num_fewshot=cfg.num_fewshot, log_samples=cfg.log_samples,
+                model=lm, tasks=[task], limit=limit, samples={task: positions} if positions is not None else None,
+                num_fewshot=cfg.num_fewshot, log_samples=cfg.log_samples or positions is not None,
                 task_manager=task_manager,
                 random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
                 fewshot_random_seed=cfg.seed, confirm_run_unsafe_code=cfg.confirm_run_unsafe_code,
             )
-            seconds[task] = time.perf_counter() - t0
+            res["evaluation_seconds"] = time.perf_counter() - t0
+            if partial is not None:
+                atomic_write_text(partial, json.dumps(res, default=_json_default))
+        seconds[task] = seconds.get(task, 0.0) + res.pop("evaluation_seconds", 0.0)
+        if positions is None:
             _merge_results(merged, res)
+        else:
+            chunks.setdefault(task, []).append(res)
+    for task, parts in chunks.items():
+        res = _join_chunks(task, parts)
+        _estimate_from_sample(res, plans, order, cfg, merged["seqedit"], edited=bool(lm.num_edited))
+        if not cfg.log_samples:
+            res.pop("samples", None)
+        _merge_results(merged, res)
     merged["evaluation_seconds"] = seconds
     return merged
+
+
+def _read_partial(path: Path | None) -> dict | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # cut short by a crash: computed again
+    return res if isinstance(res, dict) and "results" in res else None
+
+
+def _join_chunks(task: str, parts: list[dict]) -> dict:
+    """One lm-eval output for ``task`` from the outputs of its chunks: every chunk's logged
+    samples, and the counts of all of them (the means are estimated afterwards from the samples)."""
+    res = parts[-1]
+    if len(parts) > 1:
+        res["samples"] = {task: [doc for p in parts for doc in p["samples"][task]]}
+        n = len(res["samples"][task])
+        res.setdefault("n-samples", {})[task] = {**res.get("n-samples", {}).get(task, {}), "effective": n}
+    return res
+
+
+def _estimate_from_sample(res: dict, plans: dict[str, SamplePlan], order: list, cfg: RunConfig,
+                          into: dict, edited: bool = True) -> None:
+    """Replace each sampled task's means and standard errors by the stratified estimates over all
+    the records of the plan, and record which records were scored and (once records are
+    edited) the retention rows."""
+    index = {case_id: i for i, case_id in enumerate(order)}
+    for task, logged in (res.get("samples") or {}).items():
+        if task not in SAMPLED_TASKS or task not in res.get("results", {}):
+            continue
+        plan = plans[SAMPLED_TASKS[task]]
+        positions = [index[doc["doc"]["case_id"]] for doc in logged]
+        table = res["results"][task]
+        per_metric = {}
+        for key in list(table):
+            name, _, filt = key.partition(",")
+            if name.endswith("_stderr") or name == "alias" or not filt:
+                continue
+            values = {p: doc[name] for p, doc in zip(positions, logged) if isinstance(doc.get(name), (int, float))}
+            if not values:
+                continue
+            mean, stderr = stratified_mean(values, plan)
+            table[key], table[f"{name}_stderr,{filt}"] = mean, stderr
+            per_metric[name] = values
+        into["evaluation_sample"][task] = {
+            **plan.to_dict(), "field": SAMPLED_TASKS[task], "estimator": "stratified mean over the edit order",
+            "case_ids": [order[p] for p in sorted(positions)]}
+        kept = {m: per_metric[m] for m in RETENTION_METRICS if m in per_metric}
+        if kept and edited:
+            into["retention"][task] = retention(kept, plan, cfg.edit_batch_size)
 
 
 def _merge_results(into: dict, res: dict) -> None:
@@ -756,12 +927,18 @@ FLAG_HELP = {
     "model": "pretrained model: hub id, local directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
     "model_name": "model name in results and tables",
     "methods": "comma-separated editing methods (lyaplock-<base> for the add-on)",
-    "edit_data": "counterfact | zsre (bundled samples), counterfact:full | zsre:full, or a file path",
+    "edit_data": "counterfact | zsre (bundled samples), counterfact:full | zsre:full, counterfact:edit (the "
+                 "10,000-record edit split, from $SEQEDIT_DATA_DIR), or a file path",
     "num_edits": "edits applied in the run (0: only the pre-edited model)",
     "edit_batch_size": "edits per batch",
     "eval_every": "edits between evaluations (a multiple of --edit_batch_size)",
+    "eval_at": "comma-separated extra checkpoints, in edits (multiples of --edit_batch_size), e.g. 100,500",
     "tasks": "comma-separated lm-eval tasks",
     "limit": "documents per general-capability task (editing tasks score every edited record)",
+    "eval_sample": "edited records the editing tasks score at a checkpoint: the first batch and a seeded "
+                   "share of every tenth of the edits; the last checkpoint scores all (all: always all)",
+    "fluency_sample": "edited records whose text is sampled for fluency at a checkpoint, spread over the "
+                      "tenths of the edits; the last checkpoint samples all (all: always all)",
     "num_fewshot": "few-shot examples (the tasks' own setting when unset)",
     "eval_batch_size": "lm-eval batch size",
     "task_metadata": "metadata passed to the tasks, as JSON",
@@ -795,23 +972,34 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(RunConfig):
         flag = f"--{f.name}"
         default = getattr(defaults, f.name)
-        shown = ",".join(default) if isinstance(default, list) else json.dumps(default) if isinstance(default, dict) else default
+        shown = (",".join(map(str, default)) or None) if isinstance(default, list) else json.dumps(default) if isinstance(default, dict) else default
         if f.name in ("confirm_run_unsafe_code", "log_samples"):
             shown = "off"
         help_text = f"{FLAG_HELP[f.name]} (default: {'none' if shown is None else shown})".replace("%", "%%")
         if f.name in ("methods", "tasks"):
             p.add_argument(flag, type=_comma_list, help=help_text)
+        elif f.name == "eval_at":
+            p.add_argument(flag, type=_int_list, help=help_text)
         elif f.name == "overrides":
             p.add_argument(flag, type=_overrides_arg, help=help_text)
         elif f.name in ("task_metadata", "hparams"):
             p.add_argument(flag, type=_json_arg(f.name), help=help_text)
         elif f.type in ("bool", bool):
             p.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif f.name in ("eval_sample", "fluency_sample"):
+            p.add_argument(flag, help=help_text)  # a number or "all", checked by RunConfig.validate
         elif f.type in ("int", "int | None"):
             p.add_argument(flag, type=int, help=help_text)
         else:
             p.add_argument(flag, help=help_text)
     return p
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in _comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
 
 
 def _json_arg(name: str):

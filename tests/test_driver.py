@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -183,6 +184,16 @@ def test_refuses_to_mix_configs(tiny_dir, tmp_path):
         SequentialRun(other, resume=True)._check_or_write_manifest()
     with pytest.raises(ConfigError, match="--resume"):
         SequentialRun(cfg)._check_or_write_manifest()
+    # a run begun before eval_sample / fluency_sample / eval_at existed scored every record at
+    # every checkpoint: it resumes only with those settings, and the error says so
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    for key in ("eval_sample", "fluency_sample", "eval_at"):
+        del manifest["config"][key]
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="differs in: eval_sample, fluency_sample; the run has eval_sample: null"):
+        SequentialRun(cfg, resume=True)._check_or_write_manifest()
+    legacy = RunConfig(**{**cfg.to_dict(), "eval_sample": None, "fluency_sample": None})
+    SequentialRun(legacy, resume=True)._check_or_write_manifest()
 
 
 def test_config_validation():
@@ -193,6 +204,13 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown method"):
         RunConfig(methods=["nope"]).validate()
     assert RunConfig(num_edits=25, eval_every=10, edit_batch_size=5).checkpoints() == [0, 10, 20, 25]
+    cfg = RunConfig(num_edits=500, eval_every=250, edit_batch_size=50, eval_at=[100, 300], eval_sample="all")
+    cfg.validate()
+    assert cfg.checkpoints() == [0, 100, 250, 300, 500] and cfg.eval_sample is None
+    with pytest.raises(ConfigError, match="eval_at \\[150, 600\\]: each must be a multiple"):
+        RunConfig(num_edits=500, eval_every=250, edit_batch_size=100, eval_at=[150, 600]).validate()
+    with pytest.raises(ConfigError, match="eval_sample \\(100\\) must exceed edit_batch_size"):
+        RunConfig(num_edits=500, eval_every=100, edit_batch_size=100, eval_sample=100).validate()
 
 
 def test_every_editor_runs_through_the_driver_into_the_leaderboard(tiny_dir, tmp_path):
@@ -247,3 +265,93 @@ def test_work_from_an_earlier_process_does_not_count_towards_the_rate():
     assert rate < 100
     assert "610/1000" in out.getvalue()
     bar.close()
+
+
+def test_checkpoints_score_a_stratified_sample_and_the_last_one_every_record(tiny_dir, tmp_path, capsys,
+                                                                              monkeypatch):
+    """eval_sample / fluency_sample bound what a checkpoint scores: the first batch always, a
+    seeded share of every tenth of the edits, stratified estimates with their standard errors,
+    the retention rows, and every record at the last checkpoint, in chunks that a killed
+    evaluation resumes from."""
+    import harness.driver
+    from harness.driver import RunConfig, SequentialRun
+    from harness.sampling import plan_sample, stratified_mean
+
+    monkeypatch.setattr(harness.driver, "EVAL_CHUNK", 5)
+
+    cfg = RunConfig(model=str(tiny_dir), model_name="tiny-llama", methods=["memit"], num_edits=24,
+                    edit_batch_size=2, eval_every=12, tasks=["counterfact_edit"], eval_sample=8,
+                    fluency_sample=3, log_samples=True, output_dir=str(tmp_path / "run"), seed=5,
+                    cache_dir=str(tmp_path / "cache"), device="cpu", hparams={"memit": "smollm2-135m"},
+                    overrides={"memit": TINY})
+    SequentialRun(cfg, progress=False).run()
+    # after its first batch the run says how long the rest will take, checkpoints included
+    assert re.search(r"\[memit\] forecast: 22 edits left at [0-9.]+ s/edit = [0-9.]+ h of editing; "
+                     r"2 checkpoints at about \d+ min", capsys.readouterr().out)
+
+    def checkpoint(point):
+        d = tmp_path / "run" / "memit" / "checkpoints" / f"edits_{point:06d}"
+        return json.loads((d / "results.json").read_text()), json.loads((d / "samples.json").read_text())
+
+    stream = list(range(24))  # the bundled sample's case ids are 0, 1, ...
+    for point, n_scores, n_fluency in ((0, 8, 3), (12, 8, 3), (24, 24, 24)):
+        results, samples = checkpoint(point)
+        sample = results["seqedit"]["evaluation_sample"]
+        scored = sample["counterfact_edit_scores"]
+        records = 24 if point == 0 else point  # before any edit: the records the run will edit
+        plan = plan_sample(records, None if point == 24 else 8, 2, 5)
+        assert scored["case_ids"] == [stream[p] for p in plan.positions] and len(plan.positions) == n_scores
+        assert scored["complete"] == (point == 24) and {0, 1} <= set(scored["case_ids"])
+        fluency = sample["counterfact_edit_generation"]
+        assert fluency["scored"] == n_fluency and fluency["field"] == "fluency_sample"
+        assert [d["doc"]["case_id"] for d in samples["counterfact_edit_generation"]] == fluency["case_ids"]
+        assert results["n-samples"]["counterfact_edit_scores"]["effective"] == n_scores
+        # the reported efficacy is the stratified estimate from the per-record values
+        values = {d["doc"]["case_id"]: d["efficacy"] for d in samples["counterfact_edit_scores"]}
+        mean, stderr = stratified_mean(values, plan)
+        table = results["results"]["counterfact_edit_scores"]
+        assert table["efficacy,none"] == pytest.approx(mean) and table["efficacy_stderr,none"] == pytest.approx(stderr)
+        if point == 0:  # nothing edited yet: no retention to speak of
+            assert results["seqedit"]["retention"] == {}
+            continue
+        rows = results["seqedit"]["retention"]["counterfact_edit_scores"]
+        assert rows["first_batch"]["scored"] == 2 and "generalization" in rows["first_batch"]
+        assert rows["first_batch"]["edits_since"] == point - 2
+    assert not (tmp_path / "run/memit/checkpoints/edits_000024/partial").exists()
+
+    # killed in the middle of the last evaluation (24 records in chunks of 5: 5 lm-eval calls per
+    # subtask), the resumed run keeps the chunks already scored and ends with the same results
+    import harness.driver as driver
+
+    killed = RunConfig(**{**cfg.to_dict(), "output_dir": str(tmp_path / "killed")})
+    real_write, calls = driver.atomic_write_text, []
+
+    def crash_on_third_chunk(path, text):
+        if path.parent.name == "partial" and "edits_000024" in str(path):
+            calls.append(path.name)
+            if len(calls) == 3:
+                raise KeyboardInterrupt("killed")
+        real_write(path, text)
+
+    monkeypatch.setattr(driver, "atomic_write_text", crash_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        SequentialRun(killed, progress=False).run()
+    monkeypatch.setattr(driver, "atomic_write_text", real_write)
+    partial = tmp_path / "killed/memit/checkpoints/edits_000024/partial"
+    assert sorted(p.name for p in partial.iterdir()) == ["counterfact_edit_scores.0000.json",
+                                                         "counterfact_edit_scores.0001.json"]
+    import lm_eval
+
+    real_evaluate, evaluated = lm_eval.simple_evaluate, []
+
+    def counting(*args, **kwargs):
+        evaluated.append(kwargs["tasks"][0])
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", counting)
+    SequentialRun(killed, resume=True, progress=False).run()
+    assert evaluated == ["counterfact_edit_scores"] * 3 + ["counterfact_edit_generation"] * 5
+    for point in (0, 12, 24):
+        a, b = (json.loads((tmp_path / d / f"memit/checkpoints/edits_{point:06d}/results.json").read_text())
+                for d in ("run", "killed"))
+        assert a["results"] == b["results"] and a["seqedit"]["retention"] == b["seqedit"]["retention"]
