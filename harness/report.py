@@ -5,6 +5,8 @@
 
 - editing metrics against the number of edits, one panel per metric, one line per method
   (the LyapLock paper's Figure 3);
+- retention: the first batch's efficacy and generalization against the edits made since, and
+  each tenth of the history at the last checkpoint;
 - preservation loss per edited layer against the number of edits with each method's threshold
   dashed (its Figure 4);
 - the virtual queue Z and the queue weight q of LyapLock-family methods, per layer;
@@ -190,9 +192,64 @@ def editing_figure(model: str, series: list[Series]) -> Plot | None:
         ax.grid(alpha=0.3)
     _finish(fig, axes)
     return Plot(_stem(model, "editing_metrics"), f"Editing metrics: {model}",
-                "Mean over the edited records at each evaluated checkpoint (0 = pre-edited); "
+                "Mean over the edited records at each evaluated checkpoint (0 = pre-edited; where a "
+                "checkpoint scored a sample, the stratified estimate from it); "
                 "shaded: ± one standard error; a red cross on the axis: the run computed NaN/Inf "
                 "there (see the notes).", fig, model)
+
+
+RETENTION_METRICS = ("efficacy", "generalization")
+EDITS_SINCE_AXIS = "edits made after the records were edited"
+
+
+def _first_batch_curve(run: MethodRun, metric: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for edits in run.checkpoints:
+        row = run.retention_at(edits).get("first_batch") or {}
+        if edits and isinstance(row.get(metric), (int, float)):
+            xs.append(row["edits_since"])
+            ys.append(row[metric])
+    return xs, ys
+
+
+def _profile_at_end(run: MethodRun, metric: str) -> tuple[list[float], list[float]]:
+    """Each tenth of the history at the run's last checkpoint, oldest first."""
+    last = max((e for e in run.checkpoints if e and run.retention_at(e)), default=None)
+    if last is None:
+        return [], []
+    rows = [r for name, r in run.retention_at(last).items() if name.startswith("tenth_")]
+    rows = [r for r in rows if isinstance(r.get(metric), (int, float))]
+    return [r["edits_since"] for r in rows], [r[metric] for r in rows]
+
+
+def retention_figure(model: str, series: list[Series]) -> Plot | None:
+    panels = []
+    for spec in EDITING_METRICS:
+        if spec.name in RETENTION_METRICS and any(
+                len(_first_batch_curve(x.run, spec.name)[0]) for x in series if x.run.dataset in (spec.dataset.name, None)):
+            panels.append(spec)
+    if not panels:
+        return None
+    fig, axes = _grid(len(panels), f"Retention of earlier edits: {model}")
+    for ax, spec in zip(axes, panels):
+        for line in series:
+            if line.run.dataset not in (spec.dataset.name, None):
+                continue
+            xs, ys = _first_batch_curve(line.run, spec.name)
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=3, color=line.color, linestyle=line.linestyle,
+                        label=line.label)
+            px, py = _profile_at_end(line.run, spec.name)
+            if px:
+                ax.plot(px, py, marker="s", markersize=3, color=line.color, linestyle=":", alpha=0.8)
+        ax.set(title=spec.title, xlabel=EDITS_SINCE_AXIS, ylabel=spec.axis_label)
+        ax.grid(alpha=0.3)
+    _finish(fig, axes)
+    return Plot(_stem(model, "retention"), f"Retention: {model}",
+                "How edits hold up as later edits pile on. Solid: the records of the first batch, "
+                "scored at each checkpoint, against the edits made since. Dotted: at the last "
+                "checkpoint, each tenth of the edit history against the edits made after it. A line "
+                "that falls to the right is forgetting.", fig, model)
 
 
 def preservation_figure(model: str, series: list[Series]) -> Plot | None:
@@ -352,6 +409,7 @@ def build_plots(runs: list[RunDir]) -> list[Plot]:
         of_model = [s for s in series if s.run.model == model]
         plots += [
             editing_figure(model, of_model),
+            retention_figure(model, of_model),
             preservation_figure(model, of_model),
             *(queue_figure(s) for s in of_model if s.run.lyaplock_family),
             *(restraint_figure(s) for s in of_model),

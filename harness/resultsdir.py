@@ -183,6 +183,17 @@ class Checkpoint:
                     found[GeneralMetric(task, key)] = value
         return found
 
+    def retention(self) -> dict[str, dict[str, dict]]:
+        """The retention rows the driver wrote (``harness.sampling.retention``), by editing
+        dataset name: ``{stratum: {"edits_since", "scored", "efficacy", ...}}``."""
+        rows = (self.results.get("seqedit") or {}).get("retention") or {}
+        found = {}
+        for dataset in EDITING_DATASETS:
+            for task, strata in sorted(rows.items()):
+                if task.startswith(dataset.task_prefix) and isinstance(strata, dict) and strata:
+                    found.setdefault(dataset.name, strata)
+        return found
+
     def higher_is_better(self, metric: GeneralMetric) -> bool | None:
         return (self.results.get("higher_is_better") or {}).get(metric.task, {}).get(metric.metric)
 
@@ -214,6 +225,13 @@ class MethodRun:
             key: value for key, value in found.items()
             if self.dataset in (EDITING_METRIC_BY_KEY[key].dataset.name, None)
         }
+
+    def retention_at(self, edits: int) -> dict[str, dict]:
+        """Retention rows of this run's own editing dataset after ``edits`` edits ({} if none)."""
+        found = self.checkpoints[edits].retention() if edits in self.checkpoints else {}
+        if self.dataset is None:
+            return next(iter(found.values()), {})
+        return found.get(self.dataset, {})
 
     def general_at(self, edits: int) -> dict[GeneralMetric, Measurement]:
         return self.checkpoints[edits].general() if edits in self.checkpoints else {}

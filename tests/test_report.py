@@ -344,3 +344,28 @@ def test_prune_runs_get_a_restraint_figure_saying_when_it_acted(tmp_path):
     assert [ln.get_label() for ln in ax.get_lines()] == ["largest singular value of W - W0 (raw)", "bound σ_max(W0)"]
     assert ax.get_lines()[1].get_linestyle() == "--"
     assert "prune_restraint" in plot.stem
+
+
+def test_retention_figure_follows_the_first_batch_and_profiles_the_last_checkpoint(tmp_path):
+    run = write_run(tmp_path, "long", SMOLLM, "counterfact", ["memit", "lyaplock"], 200, [0, 100, 200])
+    for method, fade in (("memit", 20.0), ("lyaplock", 5.0)):
+        for edits in (100, 200):
+            path = run / method / "checkpoints" / f"edits_{edits:06d}" / "results.json"
+            results = json.loads(path.read_text())
+            rows = {"first_batch": {"edits_since": edits - BATCH, "scored": BATCH,
+                                    "efficacy": 100.0 - fade * edits / 100, "generalization": 80.0}}
+            for k in range(1, 11):
+                rows[f"tenth_{k}"] = {"edits_since": edits * (10 - k) / 10, "scored": 3,
+                                      "efficacy": 100.0 - fade * (10 - k) / 10}
+            results["seqedit"] = {"retention": {"counterfact_edit_scores": rows}}
+            path.write_text(json.dumps(results))
+    plots = {p.stem: p for p in report.build_plots(load_runs([run]))}
+    plot = plots["smollm2-135m-instruct_retention"]
+    axes = visible_axes(plot)
+    assert [a.get_title() for a in axes] == ["CounterFact efficacy", "CounterFact generalization"]
+    assert axes[0].get_xlabel() == report.EDITS_SINCE_AXIS
+    memit = line(axes[0], "memit")
+    assert list(memit.get_xdata()) == [100 - BATCH, 200 - BATCH] and list(memit.get_ydata()) == [80.0, 60.0]
+    profiles = [x for x in axes[0].get_lines() if x.get_linestyle() == ":"]
+    assert len(profiles) == 2 and list(profiles[0].get_xdata())[0] == 180.0  # the oldest tenth, at 200 edits
+    assert "first batch" in plot.caption
