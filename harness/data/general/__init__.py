@@ -1,4 +1,5 @@
-"""Bundled data for the general-capability tasks (edit_glue, gsm8k_edit, humaneval_edit, mbpp_edit).
+"""Bundled data for the general-capability tasks (edit_glue, gsm8k_edit, humaneval_edit, mbpp_edit,
+wikitext_edit).
 
 Only small subsets ship here (see LICENSE.md in this directory) so the tasks run offline; each
 task takes a path to the full local files through lm-eval's ``--metadata``. The task
