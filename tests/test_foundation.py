@@ -137,6 +137,12 @@ def test_full_easyedit_splits_from_a_data_dir(monkeypatch):
     reqs = load_counterfact()
     assert len(reqs) == 21919 and reqs[-1].case_id == 21918
     assert len(load_zsre()) == 1037
+    # the papers' edit stream: EasyEdit's edit split in its own order
+    stream = load_edit_data("counterfact:edit")
+    assert len(stream) == 10_000 and [r.case_id for r in stream[:4]] == [0, 1, 4, 5]
+    monkeypatch.delenv("SEQEDIT_DATA_DIR")
+    with pytest.raises(DataSourceError, match="counterfact:edit reads .* which is not set"):
+        load_edit_data("counterfact:edit")
 
 
 GOOD_CF = {"case_id": 7, "prompt": "The capital of France is", "subject": "France", "target_new": "Rome",

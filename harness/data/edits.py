@@ -459,12 +459,31 @@ def _source(name: str, path, full: bool | None) -> list[Path]:
     return resolve_data_file(name, path)
 
 
+# the 10,000 records EasyEdit set apart for editing, in its order: the edit stream of the papers'
+# long sequential runs
+COUNTERFACT_EDIT_SPLIT = "counterfact/counterfact_easyedit_edit.jsonl.gz"
+
+
+def _counterfact_edit_split() -> Path:
+    env = os.environ.get(DATA_DIR_ENV)
+    path = Path(env).expanduser() / COUNTERFACT_EDIT_SPLIT if env else None
+    if path is None or not path.exists():
+        raise DataSourceError(
+            f"edit_data=counterfact:edit reads {COUNTERFACT_EDIT_SPLIT} (EasyEdit's 10,000-record edit "
+            f"split) under ${DATA_DIR_ENV}" + (f", which is not in {env}" if env else ", which is not set")
+            + "; set it to the directory that holds that file, or pass the file itself as edit_data")
+    return path
+
+
 def load_edit_data(spec: str = "counterfact", limit: int | None = None, zsre_target: str = "answers") -> list[EditRequest]:
     """``counterfact`` | ``zsre`` (bundled sample unless $SEQEDIT_DATA_DIR is set),
-    ``counterfact:full`` | ``zsre:full`` (local dir, then download), or a file path
+    ``counterfact:full`` | ``zsre:full`` (local dir, then download), ``counterfact:edit``
+    (EasyEdit's 10,000-record edit split, in its order, from $SEQEDIT_DATA_DIR), or a file path
     (schema detected; ZsRE if records carry 'src')."""
     name, _, qual = spec.partition(":")
-    if name in ("counterfact", "mcf", "cf"):
+    if name in ("counterfact", "mcf", "cf") and qual == "edit":
+        reqs = _load("counterfact", [_counterfact_edit_split()], None)
+    elif name in ("counterfact", "mcf", "cf"):
         reqs = load_counterfact(limit=None, full=qual == "full")
     elif name == "zsre":
         reqs = load_zsre(limit=None, target=zsre_target, full=qual == "full")
