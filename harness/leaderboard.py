@@ -1,11 +1,13 @@
 """Leaderboard tables from sequential-editing run directories.
 
-``seqedit leaderboard RUN_DIR [RUN_DIR ...] --edits N --out leaderboards/`` writes, at one
-number of edits:
+``seqedit leaderboard RUN_DIR [RUN_DIR ...] --at N --out leaderboards/`` writes, at one
+number of edits (``--edits`` is the same option):
 
 - the editing table in the layout of the LyapLock paper's Table 1 (rows method x model,
   CounterFact Eff./Gen./Spe./Flu./Consis. and ZsRE Eff./Gen./Spe., "mean ± stderr", a
   Pre-edited row per model from the ``edits_000000`` checkpoint);
+- the trajectory table: the editing metrics at earlier numbers of edits (``--trajectory``,
+  default 1,000 and 3,000, where runs have them), side by side;
 - the general-capability table (each task's metrics, with the relative change from the
   pre-edited model);
 
@@ -93,7 +95,13 @@ class Leaderboard:
 # ---------------------------------------------------------------------------- building
 
 
-def build_leaderboard(runs: list[RunDir], edits: int | None = None) -> Leaderboard:
+# the trajectory table's points by default: where the long runs part ways
+TRAJECTORY_POINTS = (1000, 3000)
+TRAJECTORY_METRICS = ("efficacy", "generalization", "specificity", "fluency")
+
+
+def build_leaderboard(runs: list[RunDir], edits: int | None = None,
+                      trajectory: Iterable[int] = TRAJECTORY_POINTS) -> Leaderboard:
     method_runs = [m for run in runs for m in run.methods]
     if not method_runs:
         raise RunDirError(
@@ -117,6 +125,9 @@ def build_leaderboard(runs: list[RunDir], edits: int | None = None) -> Leaderboa
         editing_table(method_runs, edits, notes),
         general_table(method_runs, edits, notes),
     ]
+    points = [p for p in trajectory if p != edits and any(p in m.checkpoints for m in method_runs)]
+    if points:
+        tables.insert(1, trajectory_table(method_runs, points))
     return Leaderboard(edits=edits, tables=tables, runs=runs, notes=notes)
 
 
@@ -198,6 +209,37 @@ def editing_table(method_runs: list[MethodRun], edits: int, notes: list[str]) ->
         show_stderr=True,
         show_change=False,
         definitions=[(f"{s.dataset.title} {s.label}", s.definition) for s in EDITING_METRICS],
+    )
+
+
+def trajectory_table(method_runs: list[MethodRun], points: list[int]) -> Table:
+    """The editing metrics of each method at a few earlier numbers of edits, side by side: where
+    the methods part ways on the way to the headline point."""
+    reported = {k for m in method_runs for p in points for k in m.editing_at(p)}
+    specs = [s for s in EDITING_METRICS if s.name in TRAJECTORY_METRICS and s.key in reported]
+    columns = [Column((p, s.key), s.dataset.title, f"{s.label} @{p:,}") for s in specs for p in points]
+    rows = []
+    for model in _unique(m.model for m in method_runs):
+        of_model = [m for m in method_runs if m.model == model]
+        for method in _unique(m.method for m in of_model):
+            values = {}
+            for p in points:
+                merged = _merge([m for m in of_model if m.method == method], p, MethodRun.editing_at)
+                values.update({(p, key): v for key, v in merged.values.items()})
+            rows.append(Row(model, (method, model), max(points), values=values))
+    _mark_best(columns, rows)
+    shown = ", ".join(f"{p:,}" for p in points)
+    return Table(
+        name="trajectory",
+        title=f"Editing performance at {shown} edits",
+        description=(f"The editing metrics at {shown} edits, as in the table above; where the methods "
+                     f"part ways before the headline point. Best per model in bold; {MISSING} = not "
+                     "evaluated there."),
+        key_headers=("Method", "Model"),
+        columns=columns,
+        rows=rows,
+        show_stderr=True,
+        show_change=False,
     )
 
 
@@ -528,6 +570,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def _points(text: str) -> list[int]:
+    try:
+        return [non_negative_int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers of edits, got {text!r}") from None
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared with ``seqedit report``."""
     parser.add_argument(
@@ -535,7 +584,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="run directories written by the sequential driver (or directories holding them)",
     )
     parser.add_argument(
-        "--edits", type=non_negative_int, default=None, metavar="N",
+        "--at", "--edits", dest="edits", type=non_negative_int, default=None, metavar="N",
         help="number of edits to compare at (default: the largest every run was evaluated at)",
     )
 
@@ -550,9 +599,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="output directory (default: leaderboards/)")
     parser.add_argument("--name", default="leaderboard",
                         help="file name stem of the outputs (default: leaderboard)")
+    parser.add_argument("--trajectory", type=_points, default=list(TRAJECTORY_POINTS), metavar="N,N",
+                        help="earlier numbers of edits for the trajectory table, where runs have them "
+                             f"(default: {','.join(map(str, TRAJECTORY_POINTS))})")
     args = parser.parse_args(argv)
     try:
-        board = build_leaderboard(load_runs(args.runs), args.edits)
+        board = build_leaderboard(load_runs(args.runs), args.edits, args.trajectory)
     except RunDirError as err:
         print(f"seqedit leaderboard: error: {err}", file=sys.stderr)
         return 2

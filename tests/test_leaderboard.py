@@ -621,3 +621,23 @@ def test_a_nan_metric_is_shown_as_a_fault_named_in_the_notes_and_never_ranked(tm
     assert len(crosses) == 1 and crosses[0].get_offsets()[:, 0].tolist() == [50.0]
     memit_line = next(line for line in ax.get_lines() if line.get_label() == "memit")
     assert memit_line.get_xdata().tolist() == [0]  # the NaN point is not drawn as a value
+
+
+def test_trajectory_table_shows_earlier_points_side_by_side(fixture_runs, tmp_path):
+    board = leaderboard.build_leaderboard(load_runs(fixture_runs), 150, trajectory=[50, 100, 3000])
+    table = board.tables[1]
+    assert table.name == "trajectory" and table.title == "Editing performance at 50, 100 edits"
+    titles = [c.title for c in table.columns]
+    assert titles[:4] == ["CounterFact Eff. @50", "CounterFact Eff. @100", "CounterFact Gen. @50",
+                          "CounterFact Gen. @100"]
+    assert "ZsRE Eff. @100" in titles and not any("Consis." in t for t in titles)
+    memit = texts(table, row_of(table, "memit", SMOLLM))
+    assert memit["CounterFact Eff. @50"] == "90.00 ± 1.50" and memit["CounterFact Eff. @100"] == "84.00 ± 1.50"
+    # the headline point is not repeated, and a point no run reached is left out
+    assert [t.name for t in leaderboard.build_leaderboard(load_runs(fixture_runs), 150, [150]).tables] == [
+        "editing", "general"]
+    out = tmp_path / "boards"
+    assert leaderboard.main([str(fixture_runs[0]), "--at", "200", "--trajectory", "50,100", "--out", str(out)]) == 0
+    markdown = (out / "leaderboard.md").read_text()
+    assert "# Sequential editing leaderboard: 200 edits" in markdown
+    assert "## Editing performance at 50, 100 edits" in markdown and (out / "leaderboard_trajectory.csv").exists()
