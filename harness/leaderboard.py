@@ -115,7 +115,7 @@ def build_leaderboard(runs: list[RunDir], edits: int | None = None,
         if edits not in m.checkpoints:
             notes.append(
                 f"{m.run_path.name}/{m.method}: no evaluated checkpoint at {edits} edits "
-                f"(has {_edits_list(m)}); its cells are {MISSING}"
+                f"(has {_edits_list(m)}); where nothing else fills its row, the row is left out"
             )
         if 0 not in m.checkpoints:
             notes.append(f"{m.run_path.name}/{m.method}: no pre-edited checkpoint (edits_000000)")
@@ -195,6 +195,7 @@ def editing_table(method_runs: list[MethodRun], edits: int, notes: list[str]) ->
                             MethodRun.editing_at)
             notes.extend(merged.conflict_notes(f"{method} on {model}"))
             rows.append(Row(model, (method, model), edits, values=merged.values))
+    columns, rows = _without_empty(columns, rows)
     _mark_best(columns, rows)
     return Table(
         name="editing",
@@ -227,6 +228,7 @@ def trajectory_table(method_runs: list[MethodRun], points: list[int]) -> Table:
                 merged = _merge([m for m in of_model if m.method == method], p, MethodRun.editing_at)
                 values.update({(p, key): v for key, v in merged.values.items()})
             rows.append(Row(model, (method, model), max(points), values=values))
+    columns, rows = _without_empty(columns, rows)
     _mark_best(columns, rows)
     shown = ", ".join(f"{p:,}" for p in points)
     return Table(
@@ -269,6 +271,7 @@ def general_table(method_runs: list[MethodRun], edits: int, notes: list[str]) ->
                 change = relative_change(value.mean, reference.values[key].mean)
                 if change is not None:
                     row.change[key] = change
+    columns, rows = _without_empty(columns, rows)
     _mark_best(columns, rows)
     return Table(
         name="general",
@@ -330,6 +333,14 @@ def _higher_is_better(metric: GeneralMetric, method_runs: list[MethodRun]) -> bo
             if direction is not None:
                 return bool(direction)
     return True
+
+
+def _without_empty(columns: list[Column], rows: list[Row]) -> tuple[list[Column], list[Row]]:
+    """Leave out the rows and the columns that hold no value at all: a table of dashes says
+    nothing the notes do not say better."""
+    rows = [r for r in rows if r.values]
+    present = {key for r in rows for key in r.values}
+    return [c for c in columns if c.key in present], rows
 
 
 def _mark_best(columns: list[Column], rows: list[Row]) -> None:

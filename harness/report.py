@@ -9,7 +9,7 @@
   each tenth of the history at the last checkpoint;
 - preservation loss per edited layer against the number of edits with each method's threshold
   dashed (its Figure 4);
-- the virtual queue Z and the queue weight q of LyapLock-family methods, per layer;
+- the queue weight q of every LyapLock variant, per layer, in one figure;
 - seconds per edit batch; general-capability metrics against the number of edits.
 
 The page embeds the figures by relative path, the leaderboard tables (rendered by
@@ -31,6 +31,7 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from harness import leaderboard
 from harness.resultsdir import (
@@ -46,15 +47,14 @@ from harness.resultsdir import (
 EDITS_AXIS = "number of edits"
 SECONDS_AXIS = "seconds per batch"
 PRESERVATION_AXIS = "preservation loss D_t (mean squared output change)"
-QUEUE_AXIS = "virtual queue Z (units of sqrt(D))"
 Q_AXIS = "queue weight q = a·Z (dimensionless)"
-QUEUE_TITLES = {"queue": "virtual queue Z", "q": "queue weight q"}
 LOG_SCALE_SPAN = 100.0  # a series spanning more than two decades is drawn on a log axis
 FIGURES_DIR = "figures"
 PANEL_SIZE = (4.6, 3.4)  # inches per panel
 MAX_COLUMNS = 3
 PNG_DPI = 110
 THRESHOLD_LINESTYLE = "--"
+THRESHOLD_LABEL = "threshold α·D_base (dashed, the method's colour)"
 RUN_LINESTYLES = ("-", "-.", ":")  # never the threshold's dashes
 # deterministic SVGs: fixed ids, text as paths (renders the same without the fonts installed)
 SAVE_RC = {"svg.hashsalt": "seqedit-report", "svg.fonttype": "path"}
@@ -82,20 +82,39 @@ class Plot:
 # ---------------------------------------------------------------------------- series
 
 
-# tab10 cycles after ten, and the leaderboard runs have twelve methods (nine editors and three
-# LyapLock add-ons): two more distinct colours, then tab20's light shades
-METHOD_PALETTE = tuple(
-    [to_hex(c) for c in matplotlib.colormaps["tab10"].colors] + ["#000000", "#a6761d"]
-    + [to_hex(c) for c in matplotlib.colormaps["tab20"].colors[1::2]]
-)
+# One colour per method in every figure and every report: the baselines in cool and neutral
+# colours, LyapLock and its add-ons in warm ones, so the two groups read apart at a glance.
+BASELINE_COLORS = {
+    "memit": "#1f77b4", "alphaedit": "#2ca02c", "prune": "#8c564b", "rect": "#17becf",
+    "rlsedit": "#bcbd22", "encore": "#7f7f7f", "ft": "#9467bd", "rome": "#000000",
+}
+LYAPLOCK_COLORS = {
+    "lyaplock": "#d62728", "lyaplock-alphaedit": "#ff7f0e", "lyaplock-prune": "#e377c2",
+    "lyaplock-rect": "#a6761d",
+}
+METHOD_COLORS = {**BASELINE_COLORS, **LYAPLOCK_COLORS}
+# methods this package does not know get tab20's light shades
+EXTRA_PALETTE = tuple(to_hex(c) for c in matplotlib.colormaps["tab20"].colors[1::2])
+GROUP_TITLES = ("Baselines", "LyapLock and add-ons")
+
+
+def is_lyaplock(method: str) -> bool:
+    return method == "lyaplock" or method.startswith("lyaplock-")
+
+
+def method_order(method: str) -> tuple:
+    """Baselines first, then the LyapLock family, each in the package's order; others last."""
+    known = list(METHOD_COLORS)
+    return (is_lyaplock(method), known.index(method) if method in known else len(known), method)
 
 
 def build_series(runs: list[RunDir]) -> list[Series]:
     """Colours follow the method, so a method looks the same in every figure; the line style
-    tells apart runs of one method (edited with CounterFact or with ZsRE, say)."""
-    method_runs = [m for run in runs for m in run.methods]
-    methods = list(dict.fromkeys(m.method for m in method_runs))
-    colors = {m: METHOD_PALETTE[i % len(METHOD_PALETTE)] for i, m in enumerate(methods)}
+    tells apart runs of one method (edited with CounterFact or with ZsRE, say), and the legend
+    names each method once, grouped, with one entry per line style."""
+    method_runs = sorted((m for run in runs for m in run.methods), key=lambda m: method_order(m.method))
+    unknown = [m for m in dict.fromkeys(m.method for m in method_runs) if m not in METHOD_COLORS]
+    colors = {**METHOD_COLORS, **{m: EXTRA_PALETTE[i % len(EXTRA_PALETTE)] for i, m in enumerate(unknown)}}
     series = []
     for m in method_runs:
         same_method = [o for o in method_runs if o.model == m.model and o.method == m.method]
@@ -107,6 +126,14 @@ def build_series(runs: list[RunDir]) -> list[Series]:
         style = RUN_LINESTYLES[same_method.index(m) % len(RUN_LINESTYLES)]
         series.append(Series(m, label, colors[m.method], style))
     return series
+
+
+def _split_label(label: str) -> tuple[str, str]:
+    """(method, run tag) of a line label ``method (tag)``; (label, "") for any other label."""
+    head, sep, tail = label.partition(" (")
+    if sep and tail.endswith(")") and (head in METHOD_COLORS or is_lyaplock(head)):
+        return head, tail[:-1]
+    return label, ""
 
 
 def _checkpoint_points(run: MethodRun, extract: Callable, key) -> tuple[list, list, list, list]:
@@ -150,16 +177,43 @@ def _grid(n_panels: int, title: str) -> tuple[Figure, list]:
 
 
 def _finish(fig: Figure, axes: list) -> None:
-    """One legend per figure, outside the panels, naming every line once."""
-    handles, labels = {}, []
+    """One legend per figure, outside the panels: each method once (baselines, then the
+    LyapLock family, under a heading each when both appear), then one entry per line style
+    where a method has several runs, then anything else drawn (thresholds, faults)."""
+    entries: dict[str, object] = {}
+    styles: dict[str, str] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label not in handles:
-                handles[label] = handle
-                labels.append(label)
+            name, tag = _split_label(label)
+            entries.setdefault(name, handle)
+            if tag:
+                styles.setdefault(tag, handle.get_linestyle())
+    methods = [n for n in entries if n in METHOD_COLORS or is_lyaplock(n)]
+    others = [n for n in entries if n not in methods]
+    groups = [[n for n in methods if not is_lyaplock(n)], [n for n in methods if is_lyaplock(n)]]
+    handles, labels = [], []
+
+    def heading(text):
+        handles.append(Line2D([], [], linestyle="none"))
+        labels.append(text)
+
+    for title, names in zip(GROUP_TITLES, groups):
+        if names and all(groups):
+            heading(title)
+        for n in sorted(names, key=method_order):
+            handles.append(Line2D([], [], color=entries[n].get_color(), linestyle="-",
+                                  marker=entries[n].get_marker()))
+            labels.append(n)
+    if len(styles) > 1:
+        heading("Runs")
+        for tag, style in styles.items():
+            handles.append(Line2D([], [], color="0.3", linestyle=style))
+            labels.append(tag)
+    for n in others:
+        handles.append(entries[n])
+        labels.append(n)
     if labels:
-        fig.legend([handles[lbl] for lbl in labels], labels, loc="outside right upper",
-                   fontsize=8)
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8)
 
 
 def _log_if_wide(ax, values: list[float]) -> None:
@@ -269,7 +323,7 @@ def preservation_figure(model: str, series: list[Series]) -> Plot | None:
             txs, tys = line.run.layer_series("threshold").get(layer, ([], []))
             if txs:
                 ax.plot(txs, tys, color=line.color, linestyle=THRESHOLD_LINESTYLE, linewidth=1.2,
-                        label=f"{line.label} threshold")
+                        label=THRESHOLD_LABEL, gid=f"{line.label} threshold")
                 plotted += tys
         _log_if_wide(ax, plotted)
         ax.set(title=f"layer {layer}", xlabel=EDITS_AXIS)
@@ -281,26 +335,29 @@ def preservation_figure(model: str, series: list[Series]) -> Plot | None:
                 "the original model, after each batch; dashed: the LyapLock threshold.", fig, model)
 
 
-def queue_figure(line: Series) -> Plot | None:
-    fields = [(f, axis) for f, axis in (("queue", QUEUE_AXIS), ("q", Q_AXIS))
-              if line.run.layer_series(f)]
-    if not fields:
+def queue_figure(model: str, series: list[Series]) -> Plot | None:
+    """The queue weight q of every LyapLock variant, one panel per layer: which variants' queues
+    acted, when, and on which layers."""
+    variants = [s for s in series if s.run.layer_series("q")]
+    if not variants:
         return None
-    model = line.run.model
-    fig, axes = _grid(len(fields), f"LyapLock virtual queue: {line.label} on {model}")
-    layers = list(line.run.layer_series(fields[0][0]))
-    shades = matplotlib.colormaps["viridis"]
-    for ax, (field_name, axis) in zip(axes, fields):
-        for i, (layer, (xs, ys)) in enumerate(line.run.layer_series(field_name).items()):
-            ax.plot(xs, ys, color=shades(i / max(len(layers) - 1, 1)), label=f"layer {layer}")
-        ax.set(title=QUEUE_TITLES[field_name], xlabel=EDITS_AXIS)
-        ax.set_ylabel(axis)
+    layers = list(dict.fromkeys(layer for s in variants for layer in s.run.layer_series("q")))
+    layers.sort(key=_layer_order)
+    fig, axes = _grid(len(layers), f"LyapLock queue weight q per layer: {model}")
+    for ax, layer in zip(axes, layers):
+        for line in variants:
+            xs, ys = line.run.layer_series("q").get(layer, ([], []))
+            if xs:
+                ax.plot(xs, ys, color=line.color, linestyle=line.linestyle, label=line.label)
+        ax.set(title=f"layer {layer}", xlabel=EDITS_AXIS)
+        ax.set_ylabel(Q_AXIS, fontsize=8)
         ax.grid(alpha=0.3)
     _finish(fig, axes)
-    return Plot(_stem(model, line.label, "queue"), f"Queue of {line.label}: {model}",
-                "Z grows while a layer's preservation loss exceeds its threshold; q = a·Z "
-                "weights the pull back to the original model in the next batch (never below 1). "
-                + queue_summary(line.run), fig, model)
+    summaries = " ".join(f"{line.label}: {queue_summary(line.run)}" for line in variants)
+    return Plot(_stem(model, "lyaplock_queue"), f"LyapLock queues: {model}",
+                "The virtual queue Z grows while a layer's preservation loss exceeds its threshold; "
+                "q = a·Z (never below 1) weights the pull back to the original model in the next "
+                "batch, so a flat line at 1 is a queue that never acted. " + summaries, fig, model)
 
 
 def restraint_figure(line: Series) -> Plot | None:
@@ -411,7 +468,7 @@ def build_plots(runs: list[RunDir]) -> list[Plot]:
             editing_figure(model, of_model),
             retention_figure(model, of_model),
             preservation_figure(model, of_model),
-            *(queue_figure(s) for s in of_model if s.run.lyaplock_family),
+            queue_figure(model, of_model),
             *(restraint_figure(s) for s in of_model),
             edit_time_figure(model, of_model),
             general_figure(model, of_model),

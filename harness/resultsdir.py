@@ -236,11 +236,6 @@ class MethodRun:
     def general_at(self, edits: int) -> dict[GeneralMetric, Measurement]:
         return self.checkpoints[edits].general() if edits in self.checkpoints else {}
 
-    @property
-    def lyaplock_family(self) -> bool:
-        """Methods that keep a Lyapunov virtual queue report it per layer in their trace."""
-        return any("queue" in layer for batch in self.trace for layer in _layers(batch).values())
-
     def layer_series(self, field_name: str) -> dict[str, tuple[list[int], list[float]]]:
         """``{layer: (edits_done, values)}`` of one per-layer trace field, layers in numeric order."""
         series: dict[str, tuple[list[int], list[float]]] = {}

@@ -82,8 +82,7 @@ def test_one_figure_of_each_kind(written):
     assert [p.stem for p in plots] == [
         "smollm2-135m-instruct_editing_metrics",
         "smollm2-135m-instruct_preservation_loss",
-        "smollm2-135m-instruct_lyaplock-counterfact_queue",
-        "smollm2-135m-instruct_lyaplock-zsre_queue",
+        "smollm2-135m-instruct_lyaplock_queue",
         "smollm2-135m-instruct_edit_seconds",
         "smollm2-135m-instruct_general_capability",
     ]
@@ -139,8 +138,8 @@ def test_preservation_loss_per_layer_with_dashed_thresholds_and_log_axis(written
     panels = visible_axes(plots[1])
     assert [a.get_title() for a in panels] == ["layer 4", "layer 5", "layer 6"]
     for ax in panels:
-        thresholds = [x for x in ax.get_lines() if x.get_label().endswith("threshold")]
-        assert sorted(x.get_label() for x in thresholds) == [
+        thresholds = [x for x in ax.get_lines() if x.get_label() == report.THRESHOLD_LABEL]
+        assert sorted(x.get_gid() for x in thresholds) == [
             "lyaplock (counterfact) threshold", "lyaplock (zsre) threshold"]
         assert all(x.get_linestyle() == "--" for x in thresholds)
         assert all(x.get_linestyle() != "--" for x in ax.get_lines() if x not in thresholds)
@@ -154,13 +153,31 @@ def test_preservation_loss_per_layer_with_dashed_thresholds_and_log_axis(written
     assert {a.get_yscale() for a in visible_axes(alone)} == {"linear"}
 
 
-def test_queue_figure_shows_z_and_q_per_layer(written):
+def test_one_queue_figure_compares_the_lyaplock_runs_per_layer(written):
     _, _, plots = written
     queue = visible_axes(plots[2])
-    assert [a.get_title() for a in queue] == ["virtual queue Z", "queue weight q"]
-    q_layer4 = line(queue[1], "layer 4")
+    assert [a.get_title() for a in queue] == [f"layer {layer}" for layer in LAYERS]
+    assert sorted(x.get_label() for x in queue[0].get_lines()) == ["lyaplock (counterfact)", "lyaplock (zsre)"]
+    q_layer4 = line(queue[0], "lyaplock (counterfact)")
     assert min(q_layer4.get_ydata()) == 1.0  # q never drops below 1
     assert q_layer4.get_ydata()[-1] > 1.0  # and grows once the loss passes the threshold
+
+
+def legend_labels(plot) -> list[str]:
+    return [t.get_text() for t in plot.figure.legends[0].get_texts()]
+
+
+def test_legends_name_each_method_once_grouped_with_one_entry_per_run_style(written, tmp_path):
+    _, _, plots = written
+    editing = legend_labels(plots[0])
+    assert editing == ["Baselines", "memit", "LyapLock and add-ons", "lyaplock", "Runs", "counterfact", "zsre"]
+    preservation = legend_labels(plots[1])
+    assert preservation[-1] == report.THRESHOLD_LABEL and preservation.count(report.THRESHOLD_LABEL) == 1
+    # a method's colour is the same in every report, whichever methods it shows
+    alone = write_run(tmp_path, "alone", SMOLLM, "counterfact", ["lyaplock"], 50, [0, 50])
+    (only,) = report.build_series(load_runs([alone]))
+    both = {s.run.method: s.color for s in report.build_series(load_runs([alone.parent / "alone"]))}
+    assert only.color == both["lyaplock"] == report.METHOD_COLORS["lyaplock"]
 
 
 def test_twelve_methods_get_twelve_colours(tmp_path):
@@ -177,6 +194,10 @@ def test_twelve_methods_get_twelve_colours(tmp_path):
             {"method": method, "batch": 0, "edits_done": BATCH, "edit_seconds": 1.0}) + "\n")
     series = report.build_series(load_runs([run]))
     assert len(series) == 12 and len({s.color for s in series}) == 12
+    # baselines first, then the LyapLock family
+    assert [s.run.method for s in series] == ["memit", "alphaedit", "prune", "rect", "rlsedit", "encore", "ft",
+                                              "rome", "lyaplock", "lyaplock-alphaedit", "lyaplock-prune",
+                                              "lyaplock-rect"]
 
 
 def test_queue_caption_says_when_q_rose_and_how_close_the_loss_came(written, tmp_path):
@@ -190,7 +211,7 @@ def test_queue_caption_says_when_q_rose_and_how_close_the_loss_came(written, tmp
 
     short = write_run(tmp_path, "short", SMOLLM, "zsre", ["lyaplock"], 5 * BATCH, [0, 5 * BATCH])
     (lyaplock,) = [s for s in report.build_series(load_runs([short])) if s.run.method == "lyaplock"]
-    caption = report.queue_figure(lyaplock).caption
+    caption = report.queue_figure(SMOLLM, [lyaplock]).caption
     assert f"Highest preservation loss: {25 / 60:.2f} × the threshold" in caption
     assert "q stayed at 1 throughout" in caption
 
