@@ -10,7 +10,8 @@
 - preservation loss per edited layer against the number of edits with each method's threshold
   dashed (its Figure 4);
 - the queue weight q of every LyapLock variant, per layer, in one figure;
-- seconds per edit batch; general-capability metrics against the number of edits.
+- seconds per edit batch; perplexity and the edit_glue subsets a small model scores above
+  chance, against the number of edits; every other general-capability metric.
 
 The page embeds the figures by relative path, the leaderboard tables (rendered by
 :mod:`harness.leaderboard`) and a summary of each run's manifest. Figures are drawn on
@@ -435,10 +436,85 @@ def edit_time_figure(model: str, series: list[Series]) -> Plot | None:
                 "(evaluation excluded).", fig, model)
 
 
+PERPLEXITY = ("wikitext_edit", "word_perplexity,none")
+GLUE_SUBSET_PREFIX = "edit_glue_"
+LIKELIHOOD_ACCURACY = "acc_likelihood,none"
+ABOVE_CHANCE_Z = 2.0  # a subset counts as above chance when the pre-edited model is 2 stderr over it
+
+
+def glue_subsets(series: list[Series]) -> list[str]:
+    return sorted({t for s in series for c in s.run.checkpoints.values() for t in c.task_metrics()
+                   if t.startswith(GLUE_SUBSET_PREFIX) and c.measurement(t, LIKELIHOOD_ACCURACY)})
+
+
+def chance_finding(series: list[Series], task: str) -> tuple[float | None, float | None]:
+    """(chance level, z of the pre-edited model's likelihood accuracy over it)."""
+    for s in series:
+        checkpoint = s.run.checkpoints.get(0)
+        value = checkpoint.measurement(task, LIKELIHOOD_ACCURACY) if checkpoint else None
+        chance = checkpoint.chance_level(task) if checkpoint else None
+        if value is not None and chance is not None and value.stderr:
+            return chance, (value.mean - chance) / value.stderr
+    return None, None
+
+
+def _task_points(run: MethodRun, task: str, key: str) -> tuple[list, list, list]:
+    xs, means, errs = [], [], []
+    for edits, checkpoint in run.checkpoints.items():
+        value = checkpoint.measurement(task, key)
+        if value is not None and value.finite:
+            xs.append(edits)
+            means.append(value.mean)
+            errs.append(value.stderr)
+    return xs, means, errs
+
+
+def capability_figure(model: str, series: list[Series]) -> Plot | None:
+    """Perplexity of held-out text, and the edit_glue subsets on which the unedited model is
+    measurably above chance by likelihood: the general ability a small model can show."""
+    panels, at_chance = [], []
+    if any(_task_points(s.run, *PERPLEXITY)[0] for s in series):
+        panels.append((PERPLEXITY[0], PERPLEXITY[1], "word perplexity (lower is better)", None))
+    for task in glue_subsets(series):
+        chance, z = chance_finding(series, task)
+        name = task[len(GLUE_SUBSET_PREFIX):]
+        if z is not None and z >= ABOVE_CHANCE_Z:
+            panels.append((task, LIKELIHOOD_ACCURACY, f"{name} accuracy (likelihood)", chance))
+        else:
+            at_chance.append(name if z is None else f"{name} (z = {z:.1f})")
+    if not panels:
+        return None
+    fig, axes = _grid(len(panels), f"General capability a small model shows: {model}")
+    for ax, (task, key, ylabel, chance) in zip(axes, panels):
+        for line in series:
+            xs, means, errs = _task_points(line.run, task, key)
+            if not xs:
+                continue
+            ax.plot(xs, means, marker="o", markersize=3, color=line.color, linestyle=line.linestyle,
+                    label=line.label)
+            if all(isinstance(e, float) for e in errs):
+                ax.fill_between(xs, [m - e for m, e in zip(means, errs)], [m + e for m, e in zip(means, errs)],
+                                color=line.color, alpha=0.15)
+        if chance is not None:
+            ax.axhline(chance, color="0.4", linestyle=":", linewidth=1, label=f"chance ({chance:g})")
+        ax.set(title=task, xlabel=EDITS_AXIS, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    _finish(fig, axes)
+    caption = ("Perplexity of held-out WikiText-2 articles, and each edit_glue subset on which the "
+               f"pre-edited model's likelihood accuracy is at least {ABOVE_CHANCE_Z:g} standard errors "
+               "above chance (dotted). A rising perplexity or a fall towards chance is lost ability.")
+    if at_chance:
+        caption += " At chance before editing, so not drawn: " + ", ".join(at_chance) + "."
+    return Plot(_stem(model, "capability"), f"General capability: {model}", caption, fig, model)
+
+
 def general_figure(model: str, series: list[Series]) -> Plot | None:
+    """Every other general-capability metric (the ones the capability figure draws are left out)."""
     general = MethodRun.general_at
+    shown = {PERPLEXITY[0], "edit_glue", *glue_subsets(series)}
     metrics: list[GeneralMetric] = list(dict.fromkeys(
         key for s in series for edits in s.run.checkpoints for key in general(s.run, edits)
+        if key.task not in shown or not capability_figure_drawn(series)
     ))
     if not metrics:
         return None
@@ -459,6 +535,11 @@ def general_figure(model: str, series: list[Series]) -> Plot | None:
                 "(0 = pre-edited).", fig, model)
 
 
+def capability_figure_drawn(series: list[Series]) -> bool:
+    return any(_task_points(s.run, *PERPLEXITY)[0] for s in series) or any(
+        (chance_finding(series, t)[1] or 0) >= ABOVE_CHANCE_Z for t in glue_subsets(series))
+
+
 def build_plots(runs: list[RunDir]) -> list[Plot]:
     series = build_series(runs)
     plots = []
@@ -471,6 +552,7 @@ def build_plots(runs: list[RunDir]) -> list[Plot]:
             queue_figure(model, of_model),
             *(restraint_figure(s) for s in of_model),
             edit_time_figure(model, of_model),
+            capability_figure(model, of_model),
             general_figure(model, of_model),
         ]
     return [p for p in plots if p is not None]

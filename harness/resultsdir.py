@@ -183,6 +183,16 @@ class Checkpoint:
                     found[GeneralMetric(task, key)] = value
         return found
 
+    def measurement(self, task: str, key: str) -> Measurement | None:
+        """One ``"<metric>,<filter>"`` of one task (a group's subtask too), as the file holds it."""
+        return _measurement_by_key(self.task_metrics().get(task) or {}, key)
+
+    def chance_level(self, task: str) -> float | None:
+        """1 / the number of answer choices of a multiple-choice task (the bundled edit_glue subsets
+        are class-balanced, so this is also the majority rate), where its config lists them."""
+        choices = ((self.results.get("configs") or {}).get(task) or {}).get("doc_to_choice")
+        return 1.0 / len(choices) if isinstance(choices, list) and choices else None
+
     def retention(self) -> dict[str, dict[str, dict]]:
         """The retention rows the driver wrote (``harness.sampling.retention``), by editing
         dataset name: ``{stratum: {"edits_since", "scored", "efficacy", ...}}``."""

@@ -390,3 +390,30 @@ def test_retention_figure_follows_the_first_batch_and_profiles_the_last_checkpoi
     profiles = [x for x in axes[0].get_lines() if x.get_linestyle() == ":"]
     assert len(profiles) == 2 and list(profiles[0].get_xdata())[0] == 180.0  # the oldest tenth, at 200 edits
     assert "first batch" in plot.caption
+
+
+def test_capability_figure_draws_perplexity_and_the_subsets_above_chance(tmp_path):
+    run = write_run(tmp_path, "cap", SMOLLM, "counterfact", ["memit", "lyaplock"], 100, [0, 50, 100])
+    for method, rise in (("memit", 10.0), ("lyaplock", 1.0)):
+        for edits in (0, 50, 100):
+            path = run / method / "checkpoints" / f"edits_{edits:06d}" / "results.json"
+            results = json.loads(path.read_text())
+            results["results"]["wikitext_edit"] = {"word_perplexity,none": 75.0 + rise * edits / 50,
+                                                   "word_perplexity_stderr,none": "N/A"}
+            # sst2 sits 4.6 stderr over its chance of 1/2, mmlu at its chance of 1/4
+            results["results"]["edit_glue_sst2"] = {"acc_likelihood,none": 0.71 - 0.001 * edits,
+                                                    "acc_likelihood_stderr,none": 0.046}
+            results["results"]["edit_glue_mmlu"] = {"acc_likelihood,none": 0.25, "acc_likelihood_stderr,none": 0.044}
+            results["configs"] = {"edit_glue_sst2": {"doc_to_choice": ["negative", "positive"]},
+                                  "edit_glue_mmlu": {"doc_to_choice": ["A", "B", "C", "D"]}}
+            path.write_text(json.dumps(results))
+    plots = {p.stem.split("_", 1)[1]: p for p in report.build_plots(load_runs([run]))}
+    plot = plots["capability"]
+    axes = visible_axes(plot)
+    assert [a.get_title() for a in axes] == ["wikitext_edit", "edit_glue_sst2"]
+    assert list(line(axes[0], "memit").get_ydata()) == [75.0, 85.0, 95.0]
+    assert line(axes[1], "chance (0.5)").get_linestyle() == ":"
+    assert "At chance before editing, so not drawn: mmlu (z = 0.0)." in plot.caption
+    # the general figure keeps the rest and leaves out what the capability figure draws
+    general = [a.get_title() for a in visible_axes(plots["general_capability"])]
+    assert "gsm8k_edit" in general and not any(t.startswith(("edit_glue_sst2", "wikitext")) for t in general)
