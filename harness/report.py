@@ -227,7 +227,7 @@ def editing_figure(model: str, series: list[Series]) -> Plot | None:
     editing = MethodRun.editing_at
     specs = [
         s for s in EDITING_METRICS
-        if any(any(_checkpoint_points(x.run, editing, s.key)[::3]) for x in series)
+        if not s.retention_of and any(any(_checkpoint_points(x.run, editing, s.key)[::3]) for x in series)
     ]
     if not specs:
         return None

@@ -69,6 +69,8 @@ class EditingMetric:
     label: str  # column header of the LyapLock paper's Table 1
     axis_label: str  # with units, for plots
     definition: str
+    # read from the driver's retention rows ("first_batch" -> this metric) instead of lm-eval's
+    retention_of: str | None = None
 
     @property
     def key(self) -> str:
@@ -97,6 +99,14 @@ EDITING_METRICS = (
                   "same accuracy on the rephrased question"),
     EditingMetric(ZSRE, "specificity", "Spe.", "specificity (% of target tokens)",
                   "token-level accuracy of the true answer on unrelated NQ questions"),
+)
+
+# the retention column family: the records of the first batch, after every later edit
+EDITING_METRICS += tuple(
+    EditingMetric(dataset, f"first_batch_{name}", f"{label} 1st batch", f"{name} of the first batch",
+                  f"{name} on the records edited in the first batch, measured after all later edits",
+                  retention_of=name)
+    for dataset in (COUNTERFACT, ZSRE) for name, label in (("efficacy", "Eff."), ("generalization", "Gen."))
 )
 
 EDITING_METRIC_BY_KEY = {spec.key: spec for spec in EDITING_METRICS}
@@ -136,8 +146,15 @@ class Checkpoint:
         """Editing metrics by ``EditingMetric.key``, where this checkpoint reports them."""
         tasks = self.task_metrics()
         groups = self.group_names()
+        retention = self.retention()
         found = {}
         for spec in EDITING_METRICS:
+            if spec.retention_of:
+                row = retention.get(spec.dataset.name, {}).get("first_batch") or {}
+                value = _number(row.get(spec.retention_of))
+                if value is not None:
+                    found[spec.key] = Measurement(value, _number(row.get(f"{spec.retention_of}_stderr")))
+                continue
             names = [t for t in tasks if t.startswith(spec.dataset.task_prefix)]
             # a group may repeat its subtask's number as an aggregate: the subtask is the source
             names.sort(key=lambda t: t in groups)

@@ -640,3 +640,22 @@ def test_trajectory_table_shows_earlier_points_side_by_side(fixture_runs, tmp_pa
     markdown = (out / "leaderboard.md").read_text()
     assert "# Sequential editing leaderboard: 200 edits" in markdown
     assert "## Editing performance at 50, 100 edits" in markdown and (out / "leaderboard_trajectory.csv").exists()
+
+
+def test_first_batch_retention_is_a_column_family_where_runs_report_it(tmp_path):
+    run = write_run(tmp_path, "cf", SMOLLM, "counterfact", ["memit", "lyaplock"], 100, [0, 100])
+    for method, kept in (("memit", 61.0), ("lyaplock", 88.0)):
+        path = run / method / "checkpoints" / "edits_000100" / "results.json"
+        results = json.loads(path.read_text())
+        results["seqedit"] = {"retention": {"counterfact_edit_scores": {
+            "first_batch": {"edits_since": 90, "scored": 10, "efficacy": kept, "efficacy_stderr": 4.0,
+                            "generalization": kept - 10, "generalization_stderr": 5.0}}}}
+        path.write_text(json.dumps(results))
+    table = leaderboard.build_leaderboard(load_runs([run])).tables[0]
+    titles = [c.title for c in table.columns]
+    assert titles[-2:] == ["CounterFact Eff. 1st batch", "CounterFact Gen. 1st batch"]
+    assert texts(table, row_of(table, "lyaplock", SMOLLM))["CounterFact Eff. 1st batch"] == "88.00 ± 4.00"
+    column = next(c for c in table.columns if c.title == "CounterFact Eff. 1st batch")
+    assert column.key in row_of(table, "lyaplock", SMOLLM).best
+    # the pre-edited model has no first batch to retain: its cells stay empty
+    assert texts(table, row_of(table, "Pre-edited", SMOLLM))["CounterFact Eff. 1st batch"] == "—"
