@@ -928,7 +928,7 @@ FLAG_HELP = {
     "model_name": "model name in results and tables",
     "methods": "comma-separated editing methods (lyaplock-<base> for the add-on)",
     "edit_data": "counterfact | zsre (bundled samples), counterfact:full | zsre:full, counterfact:edit (the "
-                 "10,000-record edit split, from $SEQEDIT_DATA_DIR), or a file path",
+                 "10,000-record edit split) | zsre:all (eval + train, 2,037; both from $SEQEDIT_DATA_DIR), or a file path",
     "num_edits": "edits applied in the run (0: only the pre-edited model)",
     "edit_batch_size": "edits per batch",
     "eval_every": "edits between evaluations (a multiple of --edit_batch_size)",

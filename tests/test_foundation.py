@@ -140,6 +140,9 @@ def test_full_easyedit_splits_from_a_data_dir(monkeypatch):
     # the papers' edit stream: EasyEdit's edit split in its own order
     stream = load_edit_data("counterfact:edit")
     assert len(stream) == 10_000 and [r.case_id for r in stream[:4]] == [0, 1, 4, 5]
+    every_zsre = load_edit_data("zsre:all")
+    assert len(every_zsre) == 2037 and [r.case_id for r in every_zsre[1036:1038]] == [1036, 1037]
+    assert len({(r.subject, r.prompt) for r in every_zsre}) == 2037
     monkeypatch.delenv("SEQEDIT_DATA_DIR")
     with pytest.raises(DataSourceError, match="counterfact:edit reads .* which is not set"):
         load_edit_data("counterfact:edit")

@@ -459,30 +459,38 @@ def _source(name: str, path, full: bool | None) -> list[Path]:
     return resolve_data_file(name, path)
 
 
-# the 10,000 records EasyEdit set apart for editing, in its order: the edit stream of the papers'
-# long sequential runs
-COUNTERFACT_EDIT_SPLIT = "counterfact/counterfact_easyedit_edit.jsonl.gz"
+# Named streams read from $SEQEDIT_DATA_DIR, in their order: EasyEdit's 10,000-record CounterFact
+# edit split (the papers' long sequential runs), and every ZsRE record available offline (the
+# 1,037 eval records, then the 1,000 train records: case ids 0-2036)
+NAMED_STREAMS = {
+    "counterfact:edit": ("counterfact", ["counterfact/counterfact_easyedit_edit.jsonl.gz"],
+                         "EasyEdit's 10,000-record edit split"),
+    "zsre:all": ("zsre", ["zsre/zsre_mend_eval_portability_1037.jsonl", "zsre/zsre_mend_train_1k.jsonl"],
+                 "the 1,037 ZsRE eval records followed by the 1,000 train records"),
+}
 
 
-def _counterfact_edit_split() -> Path:
+def _named_stream_files(spec: str) -> list[Path]:
+    _, relatives, what = NAMED_STREAMS[spec]
     env = os.environ.get(DATA_DIR_ENV)
-    path = Path(env).expanduser() / COUNTERFACT_EDIT_SPLIT if env else None
-    if path is None or not path.exists():
+    paths = [Path(env).expanduser() / r for r in relatives] if env else []
+    if not env or not all(p.exists() for p in paths):
         raise DataSourceError(
-            f"edit_data=counterfact:edit reads {COUNTERFACT_EDIT_SPLIT} (EasyEdit's 10,000-record edit "
-            f"split) under ${DATA_DIR_ENV}" + (f", which is not in {env}" if env else ", which is not set")
-            + "; set it to the directory that holds that file, or pass the file itself as edit_data")
-    return path
+            f"edit_data={spec} reads {', '.join(relatives)} ({what}) under ${DATA_DIR_ENV}"
+            + (f", which is not in {env}" if env else ", which is not set")
+            + "; set it to the directory that holds them, or pass a file as edit_data")
+    return paths
 
 
 def load_edit_data(spec: str = "counterfact", limit: int | None = None, zsre_target: str = "answers") -> list[EditRequest]:
     """``counterfact`` | ``zsre`` (bundled sample unless $SEQEDIT_DATA_DIR is set),
-    ``counterfact:full`` | ``zsre:full`` (local dir, then download), ``counterfact:edit``
-    (EasyEdit's 10,000-record edit split, in its order, from $SEQEDIT_DATA_DIR), or a file path
+    ``counterfact:full`` | ``zsre:full`` (local dir, then download), ``counterfact:edit`` |
+    ``zsre:all`` (``NAMED_STREAMS``, from $SEQEDIT_DATA_DIR), or a file path
     (schema detected; ZsRE if records carry 'src')."""
     name, _, qual = spec.partition(":")
-    if name in ("counterfact", "mcf", "cf") and qual == "edit":
-        reqs = _load("counterfact", [_counterfact_edit_split()], None)
+    if spec in NAMED_STREAMS:
+        reqs = _load(NAMED_STREAMS[spec][0], _named_stream_files(spec), None, **(
+            {"target": zsre_target} if NAMED_STREAMS[spec][0] == "zsre" else {}))
     elif name in ("counterfact", "mcf", "cf"):
         reqs = load_counterfact(limit=None, full=qual == "full")
     elif name == "zsre":
