@@ -19,25 +19,30 @@ import time
 
 CHANCE = {"edit_glue_sst2": 0.5, "edit_glue_mrpc": 0.5, "edit_glue_cola": 0.5, "edit_glue_rte": 0.5,
           "edit_glue_nli": 0.5, "edit_glue_mmlu": 0.25}
-MODELS = {"smollm2": None, "gemma3": "gemma3"}  # pretrained= of the wrapper (None: embedded SmolLM2)
+MODELS = ("smollm2", "gemma3")  # the embedded models' names for harness.loading
 
 
 def main(argv=None) -> int:
     import lm_eval
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     from harness import tasks_dir
-    from harness.models import MEMITLM
+    from harness.loading import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
-    manager = TaskManager(include_path=tasks_dir(), include_defaults=False)
     rows = []
     for name in args.models.split(","):
-        lm = MEMITLM(pretrained=MODELS[name], num_edits=0, progress=False, batch_size=args.batch_size)
+        # the tasks count answer tokens with the model's tokenizer, named here as there is no
+        # editing model to ask
+        manager = TaskManager(include_path=tasks_dir(), include_defaults=False, metadata={"tokenizer": name})
+        # no edit: lm-eval's own HF model on the loaded weights scores the same requests
+        model, tokenizer = load_model(name)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
         t0 = time.perf_counter()
         out = lm_eval.simple_evaluate(model=lm, tasks=["edit_glue"], task_manager=manager,
                                       random_seed=0, numpy_random_seed=0, torch_random_seed=0,
@@ -57,7 +62,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{task:<16}{n:>5}{acc:>9.3f}{err:>8.3f}{chance:>8.2f}{z:>7.2f}{pval:>9.4f}  "
                   f"{'yes' if row['above_chance'] else 'no'}", flush=True)
-        del lm
+        del lm, model
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
