@@ -10,6 +10,7 @@ commands:
   run          sequential editing run with lm-eval checkpoints (seqedit run --help)
   leaderboard  tables from run directories (seqedit leaderboard --help)
   report       plots + HTML report from run directories (seqedit report --help)
+  export       copy a run directory's results without its edit states (seqedit export --help)
   paths        print the embedded model file, task directory and bundled data
   hub-cache    put a hub dataset (e.g. nyu-mll/glue) into the datasets cache from local files,
                for lm-eval's own tasks without the Hub (seqedit hub-cache --help)
@@ -59,6 +60,10 @@ def _dispatch(command: str, rest: list[str]) -> int:
         from harness.report import main as report_main
 
         return report_main(rest)
+    if command == "export":
+        from harness.resultsdir import export_main
+
+        return export_main(rest)
     if command == "paths":
         return _paths()
     if command == "hub-cache":

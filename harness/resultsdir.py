@@ -305,6 +305,47 @@ class RunDir:
         return self.path.name
 
 
+# what a run directory's results are, as opposed to its working files (edit states, a checkpoint's
+# partial evaluation, locks, half-written temporaries): the files worth committing or sharing
+RESULT_FILES = (MANIFEST_FILE, f"*/{TRACE_FILE}", "*/setup.jsonl", f"*/{CHECKPOINTS_DIR}/edits_*/{RESULTS_FILE}",
+                f"*/{CHECKPOINTS_DIR}/edits_*/samples.json")
+
+
+def export_results(source: Path, dest: Path) -> list[Path]:
+    """Copy the results of run directory ``source`` into ``dest`` (created or updated), without
+    its edit states or any other working file. Returns the files written."""
+    import shutil
+
+    source, dest = Path(source).expanduser(), Path(dest).expanduser()
+    if not (source / MANIFEST_FILE).is_file():
+        raise RunDirError(f"{source} is not a run directory (no {MANIFEST_FILE})")
+    written = []
+    for pattern in RESULT_FILES:
+        for path in sorted(source.glob(pattern)):
+            target = dest / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".export-tmp")
+            shutil.copyfile(path, tmp)
+            tmp.replace(target)
+            written.append(target)
+    return written
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="seqedit export",
+        description="Copy a run directory's results (manifest, traces, checkpoints) without its edit states, "
+                    "e.g. from a run outside the checkout into leaderboards/runs/.")
+    parser.add_argument("run", type=Path, metavar="RUN_DIR")
+    parser.add_argument("dest", type=Path, metavar="DEST")
+    args = parser.parse_args(argv)
+    written = export_results(args.run, args.dest)
+    print(f"exported {len(written)} files from {args.run} to {args.dest}")
+    return 0
+
+
 def model_name(manifest: dict) -> str:
     config = manifest.get("config") or {}
     return str(manifest.get("model_name") or config.get("model") or "unknown model")

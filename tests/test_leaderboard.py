@@ -659,3 +659,23 @@ def test_first_batch_retention_is_a_column_family_where_runs_report_it(tmp_path)
     assert column.key in row_of(table, "lyaplock", SMOLLM).best
     # the pre-edited model has no first batch to retain: its cells stay empty
     assert texts(table, row_of(table, "Pre-edited", SMOLLM))["CounterFact Eff. 1st batch"] == "—"
+
+
+def test_export_copies_results_without_edit_state_or_working_files(tmp_path, capsys):
+    from harness.cli import main as seqedit
+
+    run = write_run(tmp_path / "src", "cf", SMOLLM, "counterfact", ["memit"], 50, [0, 50])
+    (run / "memit" / "state").mkdir()
+    (run / "memit" / "state" / "edit_state.pt").write_bytes(b"x" * 100)
+    (run / "memit" / ".lock").write_text("")
+    partial = run / "memit" / "checkpoints" / "edits_000100" / "partial"
+    partial.mkdir(parents=True)
+    (partial / "edit_glue.json").write_text("{}")
+    dest = tmp_path / "committed" / "cf"
+    assert seqedit(["export", str(run), str(dest)]) == 0
+    assert "exported 4 files" in capsys.readouterr().out
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert files == ["manifest.json", "memit/checkpoints/edits_000000/results.json",
+                     "memit/checkpoints/edits_000050/results.json", "memit/trace.jsonl"]
+    assert load_runs([dest])[0].methods[0].checkpoints.keys() == {0, 50}
+    assert seqedit(["export", str(tmp_path), str(dest)]) == 2  # not a run directory: one line, exit 2
