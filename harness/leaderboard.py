@@ -201,15 +201,17 @@ def editing_table(method_runs: list[MethodRun], edits: int, notes: list[str]) ->
         name="editing",
         title=f"Editing performance after {edits} edits",
         description=(
-            "CounterFact and ZsRE metrics x100, mean ± standard error over the edited records, "
-            f"higher is better. Best per model in bold; {MISSING} = not reported."
+            "CounterFact and ZsRE metrics x100, mean ± standard error over the edited records (where "
+            "a checkpoint scored a sample of them, the stratified estimate), higher is better. Best "
+            f"per model in bold; {MISSING} = not reported."
         ),
         key_headers=("Method", "Model"),
         columns=columns,
         rows=rows,
         show_stderr=True,
         show_change=False,
-        definitions=[(f"{s.dataset.title} {s.label}", s.definition) for s in EDITING_METRICS],
+        definitions=[(f"{s.dataset.title} {s.label}", s.definition) for s in EDITING_METRICS
+                     if s.key in {c.key for c in columns}],
     )
 
 
@@ -277,13 +279,15 @@ def general_table(method_runs: list[MethodRun], edits: int, notes: list[str]) ->
         name="general",
         title=f"General capability after {edits} edits",
         description=(
-            "Each task's lm-eval metrics; in brackets the relative change from the pre-edited "
-            f"model. Best per model in bold (↓ = lower is better); {MISSING} = not reported."
+            "Each task's lm-eval metrics (± its standard error where lm-eval gives one; each edit_glue "
+            "subset's likelihood accuracy besides the pooled metrics); in brackets the relative change "
+            f"from the pre-edited model. Best per model in bold (↓ = lower is better); {MISSING} = not "
+            "reported."
         ),
         key_headers=("Method", "Model", "Edit data"),
         columns=columns,
         rows=rows,
-        show_stderr=False,
+        show_stderr=True,
         show_change=True,
     )
 

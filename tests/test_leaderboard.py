@@ -363,18 +363,18 @@ def test_general_table_values_changes_and_best(fixture_runs):
     ]
     sst2 = "edit_glue_sst2 f1_generation"
     cells = {r.labels: texts(table, r)[sst2] for r in table.rows if r.model == SMOLLM}
-    assert cells[("Pre-edited", SMOLLM, "—")] == "0.640"
-    assert cells[("memit", SMOLLM, "counterfact")] == "0.610 (-4.7%)"  # 0.64 - 3 * 0.01
-    assert cells[("alphaedit", SMOLLM, "counterfact")] == "0.628 (-1.9%)"
-    assert cells[("memit", SMOLLM, "zsre")] == "0.625 (-2.3%)"  # half the drop
-    assert cells[("lyaplock", SMOLLM, "zsre")] == "0.637 (-0.5%)"
+    assert cells[("Pre-edited", SMOLLM, "—")] == "0.640 ± 0.050"
+    assert cells[("memit", SMOLLM, "counterfact")] == "0.610 ± 0.050 (-4.7%)"  # 0.64 - 3 * 0.01
+    assert cells[("alphaedit", SMOLLM, "counterfact")] == "0.628 ± 0.050 (-1.9%)"
+    assert cells[("memit", SMOLLM, "zsre")] == "0.625 ± 0.050 (-2.3%)"  # half the drop
+    assert cells[("lyaplock", SMOLLM, "zsre")] == "0.637 ± 0.050 (-0.5%)"
     col = next(c for c in table.columns if c.title == sst2)
     best = [r.labels for r in table.rows if col.key in r.best]
     assert best == [("lyaplock", SMOLLM, "zsre"), ("lyaplock", GEMMA, "counterfact")]
     # a zero pre-edited value has no relative change; equal values tie for best
     gsm = next(c for c in table.columns if c.title == "gsm8k_edit exact_match [strict-match]")
     memit = row_of(table, "memit", SMOLLM, "counterfact")
-    assert leaderboard.cell_text(table, memit, gsm) == "0.000"
+    assert leaderboard.cell_text(table, memit, gsm) == "0.000 ± 0.050"
     assert gsm.key in memit.best
 
 
@@ -442,7 +442,7 @@ def test_command_writes_markdown_csv_and_html(fixture_runs, tmp_path, capsys):
     assert "| *Pre-edited* | SmolLM2-135M-Instruct | 21.00 ± 1.50 |" in markdown
     assert "| memit | SmolLM2-135M-Instruct | 78.00 ± 1.50 | 66.00 ± 2.00 | 65.00 ± 1.20 | " \
            "**624.00** | 79.00 ± 0.80 |" in markdown
-    assert "**0.637 (-0.5%)**" in markdown
+    assert "**0.637 ± 0.050 (-0.5%)**" in markdown
 
     page = (out / "leaderboard.html").read_text()
     assert "<style>" in page and "<script" not in page and "http" not in page.split("<body>")[0]
@@ -679,3 +679,20 @@ def test_export_copies_results_without_edit_state_or_working_files(tmp_path, cap
                      "memit/checkpoints/edits_000050/results.json", "memit/trace.jsonl"]
     assert load_runs([dest])[0].methods[0].checkpoints.keys() == {0, 50}
     assert seqedit(["export", str(tmp_path), str(dest)]) == 2  # not a run directory: one line, exit 2
+
+
+def test_each_edit_glue_subset_shows_its_likelihood_accuracy_beside_the_pooled_metrics():
+    checkpoint = Checkpoint(0, Path("results.json"), {
+        "results": {
+            "edit_glue": {"alias": "edit_glue", "acc_likelihood,none": 0.497, "acc_likelihood_stderr,none": 0.02},
+            "edit_glue_sst2": {"alias": " - sst2", "acc_likelihood,none": 0.71, "acc_likelihood_stderr,none": 0.046,
+                               "f1_generate,none": 0.39},
+            "edit_glue_rte": {"alias": " - rte", "acc_likelihood,none": 0.49, "acc_likelihood_stderr,none": 0.05},
+        },
+        "group_subtasks": {"edit_glue": ["edit_glue_sst2", "edit_glue_rte"]},
+    })
+    general = checkpoint.general()
+    assert set(general) == {GeneralMetric("edit_glue", "acc_likelihood,none"),
+                            GeneralMetric("edit_glue_rte", "acc_likelihood,none"),
+                            GeneralMetric("edit_glue_sst2", "acc_likelihood,none")}  # not sst2's f1_generate
+    assert general[GeneralMetric("edit_glue_sst2", "acc_likelihood,none")].stderr == 0.046
