@@ -8,6 +8,7 @@ USAGE = """usage: seqedit <command> [options]
 
 commands:
   run          sequential editing run with lm-eval checkpoints (seqedit run --help)
+  sweep        a grid of runs, one run directory per cell (seqedit sweep --help)
   leaderboard  tables from run directories (seqedit leaderboard --help)
   report       plots + HTML report from run directories (seqedit report --help)
   export       copy a run directory's results without its edit states (seqedit export --help)
@@ -52,6 +53,10 @@ def _dispatch(command: str, rest: list[str]) -> int:
         from harness.driver import main as run_main
 
         return run_main(rest)
+    if command == "sweep":
+        from harness.sweep import main as sweep_main
+
+        return sweep_main(rest)
     if command == "leaderboard":
         from harness.leaderboard import main as lb_main
 

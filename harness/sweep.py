@@ -1,0 +1,186 @@
+"""``seqedit sweep``: a grid of sequential runs, one run directory per cell.
+
+A sweep config is a run config (``harness.driver.RunConfig`` fields) plus ``sweep_dir``, where any
+field may hold several values:
+
+* a scalar field given as a list is an axis (``seed: [0, 1, 2]``);
+* a list field (``methods``, ``tasks``, ``eval_at``) is an axis when given as a list of lists
+  (``methods: [[memit], [lyaplock]]``);
+* ``grid:`` names further axes by dotted path, for values inside mappings
+  (``grid: {overrides.lyaplock.alpha: [10, 60]}``).
+
+Every combination is a cell: its run directory is ``<sweep_dir>/<cell name>``, its config is
+written to ``<sweep_dir>/configs/<cell name>.yaml`` and its log to ``<sweep_dir>/logs/``. Every cell
+is validated before any runs. The local executor runs at most ``--jobs`` cells at a time, each as
+its own ``seqedit run --resume`` process, so a killed sweep resumes: finished cells report
+themselves complete, interrupted ones continue from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import itertools
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from harness.errors import ConfigError
+
+LIST_FIELDS = ("methods", "tasks", "eval_at")
+EXECUTORS = ("local",)
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    values: dict  # axis path -> this cell's value
+    config: dict  # a complete run config
+
+
+def _run_fields() -> set[str]:
+    from harness.driver import RunConfig
+
+    return {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def read_sweep(path: str | Path) -> tuple[Path, dict, list[tuple[str, list]]]:
+    """(sweep directory, base run config, axes) of a sweep config file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    if not isinstance(data, dict) or "sweep_dir" not in data:
+        raise ConfigError(f"--config {path}: a sweep config is a mapping of run-config fields with a sweep_dir")
+    sweep_dir = Path(str(data.pop("sweep_dir"))).expanduser()
+    grid = data.pop("grid", {}) or {}
+    if not isinstance(grid, dict):
+        raise ConfigError(f"grid must map dotted paths to lists of values, got {grid!r}")
+    axes = []
+    for name, value in list(data.items()):
+        if name in LIST_FIELDS:
+            if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+                axes.append((name, value))
+                data.pop(name)
+        elif isinstance(value, list):
+            axes.append((name, value))
+            data.pop(name)
+    for path_, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid.{path_} must be a non-empty list of values, got {values!r}")
+        axes.append((str(path_), values))
+    for path_, values in axes:
+        if not values:
+            raise ConfigError(f"{path_}: an empty list gives no cells")
+    if "output_dir" in data:
+        raise ConfigError("a sweep config sets sweep_dir; each cell's output_dir is <sweep_dir>/<cell name>")
+    return sweep_dir, data, axes
+
+
+def _set(config: dict, path_: str, value) -> None:
+    keys = path_.split(".")
+    node = config
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"grid path {path_}: {key} is not a mapping in the run config")
+    node[keys[-1]] = value
+
+
+def _token(value) -> str:
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return re.sub(r"[^A-Za-z0-9.,+-]+", "-", text).strip("-") or "none"
+
+
+def expand(sweep_dir: Path, base: dict, axes: list[tuple[str, list]]) -> list[Cell]:
+    """Every combination of the axes' values, each a validated run config."""
+    from harness.driver import RunConfig
+
+    cells = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        config = copy.deepcopy(base)
+        values = {}
+        for (path_, _), value in zip(axes, combo):
+            _set(config, path_, copy.deepcopy(value))
+            values[path_] = value
+        name = "_".join(f"{path_.split('.')[-1]}-{_token(v)}" for path_, v in values.items()) or "single"
+        config["output_dir"] = str(sweep_dir / name)
+        unknown = set(config) - _run_fields()
+        if unknown:
+            raise ConfigError(f"cell {name}: unknown run-config field(s) {sorted(unknown)}")
+        try:
+            RunConfig(**config).validate()
+        except ConfigError as exc:
+            raise ConfigError(f"cell {name}: {exc}") from None
+        cells.append(Cell(name, values, config))
+    names = [c.name for c in cells]
+    if len(set(names)) != len(names):
+        raise ConfigError("two cells get the same name: give the axes values that differ as text")
+    return cells
+
+
+def run_local(sweep_dir: Path, cells: list[Cell], jobs: int, progress=print) -> dict[str, int]:
+    """Run the cells as ``seqedit run --resume`` processes, at most ``jobs`` at a time; their
+    exit statuses by cell name."""
+    (sweep_dir / "configs").mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    waiting = list(cells)
+    running: dict[str, tuple[subprocess.Popen, object]] = {}
+    status: dict[str, int] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                cell = waiting.pop(0)
+                config_path = sweep_dir / "configs" / f"{cell.name}.yaml"
+                config_path.write_text(yaml.safe_dump(cell.config, sort_keys=False))
+                log = open(sweep_dir / "logs" / f"{cell.name}.log", "a")
+                command = [sys.executable, "-m", "harness.cli", "run", "--config", str(config_path), "--resume",
+                           "--no_progress"]
+                running[cell.name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+                progress(f"[sweep] {cell.name}: started")
+            for name, (proc, log) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    status[name] = proc.returncode
+                    del running[name]
+                    progress(f"[sweep] {name}: {'done' if proc.returncode == 0 else f'failed (exit {proc.returncode}), see logs/{name}.log'}")
+            time.sleep(0.2)
+    finally:
+        for proc, log in running.values():  # a killed sweep takes its cells with it
+            proc.terminate()
+            log.close()
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="seqedit sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="sweep config YAML")
+    p.add_argument("--executor", default="local", choices=EXECUTORS, help="where the cells run (default: local)")
+    p.add_argument("--jobs", type=int, default=1, help="cells at a time on this machine (default: 1)")
+    p.add_argument("--dry_run", action="store_true", help="list the cells and write nothing (default: off)")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    sweep_dir, base, axes = read_sweep(args.config)
+    cells = expand(sweep_dir, base, axes)
+    print(f"[sweep] {len(cells)} cells under {sweep_dir}")
+    if args.dry_run:
+        for cell in cells:
+            print(f"  {cell.name}: " + ", ".join(f"{k}={v}" for k, v in cell.values.items()))
+        return 0
+    status = run_local(sweep_dir, cells, args.jobs)
+    failed = sorted(name for name, rc in status.items() if rc != 0)
+    print(f"[sweep] {len(cells) - len(failed)} of {len(cells)} cells complete"
+          + (f"; failed: {', '.join(failed)} (rerun the same command to resume them)" if failed else ""))
+    return 1 if failed else 0
