@@ -35,7 +35,9 @@ import yaml
 from harness.errors import ConfigError
 
 LIST_FIELDS = ("methods", "tasks", "eval_at")
-EXECUTORS = ("local",)
+# slurm: submitted through submitit (the optional extra .[slurm]); submitit-local: the same code path
+# on this machine through submitit's local executor (what the tests run, and a dry run for a cluster)
+EXECUTORS = ("local", "slurm", "submitit-local")
 
 
 @dataclass(frozen=True)
@@ -128,11 +130,91 @@ def expand(sweep_dir: Path, base: dict, axes: list[tuple[str, list]]) -> list[Ce
     return cells
 
 
+def write_configs(sweep_dir: Path, cells: list[Cell]) -> list[Path]:
+    (sweep_dir / "configs").mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for cell in cells:
+        path = sweep_dir / "configs" / f"{cell.name}.yaml"
+        path.write_text(yaml.safe_dump(cell.config, sort_keys=False))
+        paths.append(path)
+    return paths
+
+
+class CellJob:
+    """One cell as a submitit job. When Slurm preempts it or its time runs out, submitit calls
+    ``checkpoint``, which requeues the same job; the driver's ``--resume`` then continues the cell
+    from its last saved batch."""
+
+    def __init__(self, config_path: str | Path):
+        self.config_path = str(config_path)
+
+    def __call__(self) -> int:
+        from harness.driver import main as run_main
+
+        rc = run_main(["--config", self.config_path, "--resume", "--no_progress"])
+        if rc != 0:
+            raise RuntimeError(f"seqedit run --config {self.config_path} exited with status {rc}")
+        return rc
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(CellJob(self.config_path))
+
+
+def slurm_parameters(jobs: int, partition: str | None = None, gpus: int | None = None,
+                     time_min: int | None = None, cpus: int | None = None) -> dict:
+    """submitit's parameters for a sweep: one task per cell, at most ``jobs`` cells at a time."""
+    params = {"slurm_array_parallelism": jobs, "slurm_partition": partition, "gpus_per_node": gpus,
+              "timeout_min": time_min, "cpus_per_task": cpus, "nodes": 1, "tasks_per_node": 1}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def sbatch_preview(sweep_dir: Path, params: dict) -> str:
+    """The sbatch script submitit writes for these parameters (without submitting anything)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    return _make_sbatch_string(
+        command="python -m submitit.core._submit <folder>", folder=str(sweep_dir / "submitit" / "%j"),
+        job_name="seqedit-sweep", partition=params.get("slurm_partition"), time=params.get("timeout_min", 5),
+        gpus_per_node=params.get("gpus_per_node"), cpus_per_task=params.get("cpus_per_task"),
+        array_parallelism=params.get("slurm_array_parallelism", 256))
+
+
+def run_submitit(sweep_dir: Path, cells: list[Cell], cluster: str, params: dict, progress=print) -> dict[str, int]:
+    """Submit one job per cell through submitit (``cluster`` "slurm" or "local") and wait for them."""
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("the slurm executor needs submitit: pip install 'seqedit-harness[slurm]'") from None
+    paths = write_configs(sweep_dir, cells)
+    executor = submitit.AutoExecutor(folder=sweep_dir / "submitit" / "%j", cluster=cluster)
+    executor.update_parameters(name="seqedit-sweep", **({k: v for k, v in params.items() if not k.startswith(
+        "slurm_")} if cluster != "slurm" else params))
+    if cluster == "slurm":
+        with executor.batch():  # one job array, throttled to slurm_array_parallelism
+            jobs = [executor.submit(CellJob(p)) for p in paths]
+    else:
+        jobs = [executor.submit(CellJob(p)) for p in paths]
+    for cell, job in zip(cells, jobs):
+        progress(f"[sweep] {cell.name}: submitted as job {job.job_id}")
+    status = {}
+    for cell, job in zip(cells, jobs):
+        try:
+            job.result()
+            status[cell.name] = 0
+            progress(f"[sweep] {cell.name}: done")
+        except Exception as exc:  # the job's own error, as submitit reports it
+            status[cell.name] = 1
+            progress(f"[sweep] {cell.name}: failed ({str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r})")
+    return status
+
+
 def run_local(sweep_dir: Path, cells: list[Cell], jobs: int, progress=print) -> dict[str, int]:
     """Run the cells as ``seqedit run --resume`` processes, at most ``jobs`` at a time; their
     exit statuses by cell name."""
-    (sweep_dir / "configs").mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
+    config_paths = dict(zip((c.name for c in cells), write_configs(sweep_dir, cells)))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     waiting = list(cells)
@@ -142,8 +224,7 @@ def run_local(sweep_dir: Path, cells: list[Cell], jobs: int, progress=print) -> 
         while waiting or running:
             while waiting and len(running) < jobs:
                 cell = waiting.pop(0)
-                config_path = sweep_dir / "configs" / f"{cell.name}.yaml"
-                config_path.write_text(yaml.safe_dump(cell.config, sort_keys=False))
+                config_path = config_paths[cell.name]
                 log = open(sweep_dir / "logs" / f"{cell.name}.log", "a")
                 command = [sys.executable, "-m", "harness.cli", "run", "--config", str(config_path), "--resume",
                            "--no_progress"]
@@ -168,18 +249,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="sweep config YAML")
     p.add_argument("--executor", default="local", choices=EXECUTORS, help="where the cells run (default: local)")
     p.add_argument("--jobs", type=int, default=1, help="cells at a time on this machine (default: 1)")
-    p.add_argument("--dry_run", action="store_true", help="list the cells and write nothing (default: off)")
+    p.add_argument("--dry_run", action="store_true",
+                   help="list the cells (and for slurm print the sbatch script) without running (default: off)")
+    slurm = p.add_argument_group("slurm (through submitit)")
+    slurm.add_argument("--partition", help="Slurm partition (default: the cluster's)")
+    slurm.add_argument("--gpus", type=int, help="GPUs per cell (default: none)")
+    slurm.add_argument("--time_min", type=int, help="time limit per job in minutes; a cell that runs out is "
+                       "requeued and resumes (default: submitit's)")
+    slurm.add_argument("--cpus", type=int, help="CPUs per cell (default: the cluster's)")
     args = p.parse_args(argv)
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     sweep_dir, base, axes = read_sweep(args.config)
     cells = expand(sweep_dir, base, axes)
     print(f"[sweep] {len(cells)} cells under {sweep_dir}")
+    params = slurm_parameters(args.jobs, args.partition, args.gpus, args.time_min, args.cpus)
     if args.dry_run:
         for cell in cells:
             print(f"  {cell.name}: " + ", ".join(f"{k}={v}" for k, v in cell.values.items()))
+        if args.executor == "slurm":
+            print(sbatch_preview(sweep_dir, params))
         return 0
-    status = run_local(sweep_dir, cells, args.jobs)
+    if args.executor == "local":
+        status = run_local(sweep_dir, cells, args.jobs)
+    else:
+        status = run_submitit(sweep_dir, cells, "slurm" if args.executor == "slurm" else "local", params)
     failed = sorted(name for name, rc in status.items() if rc != 0)
     print(f"[sweep] {len(cells) - len(failed)} of {len(cells)} cells complete"
           + (f"; failed: {', '.join(failed)} (rerun the same command to resume them)" if failed else ""))

@@ -66,3 +66,27 @@ def test_local_sweep_runs_every_cell_and_a_rerun_resumes_without_redoing_them(tm
     assert "complete: all 2 checkpoints on disk" in (tmp_path / "sweep/logs/seed-0.log").read_text()
     assert all((tmp_path / "sweep" / f"seed-{s}/memit/checkpoints/edits_000002/results.json").read_text()
                == results[s] for s in (0, 1))
+
+    # the Slurm code path, on this machine through submitit's local executor: the same results (to
+    # float round-off: the local executor gave each of its two processes one thread)
+    config = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**config, "sweep_dir": str(tmp_path / "via_submitit")}))
+    assert seqedit(["sweep", "--config", str(path), "--executor", "submitit-local"]) == 0
+    for seed in (0, 1):
+        got = json.loads((tmp_path / f"via_submitit/seed-{seed}/memit/checkpoints/edits_000002/results.json").read_text())
+        want = json.loads(results[seed])["results"]["counterfact_edit_scores"]
+        for key, value in got["results"]["counterfact_edit_scores"].items():
+            assert value == (pytest.approx(want[key], rel=1e-4, abs=1e-8) if isinstance(value, float) else want[key])
+
+
+def test_slurm_dry_run_prints_the_sbatch_script_with_the_sweep_parameters(tmp_path, capsys):
+    from harness.cli import main as seqedit
+
+    path = _sweep_file(tmp_path, seed=[0, 1], num_edits=0, edit_batch_size=2, eval_every=2)
+    assert seqedit(["sweep", "--config", str(path), "--executor", "slurm", "--jobs", "2", "--partition", "gpu",
+                    "--gpus", "1", "--time_min", "240", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=240",
+                 "#SBATCH --job-name=seqedit-sweep"):
+        assert line in out
+    assert "seed-0: seed=0" in out and not (tmp_path / "sweep").exists()
