@@ -9,6 +9,10 @@ field may hold several values:
 * ``grid:`` names further axes by dotted path, for values inside mappings
   (``grid: {overrides.lyaplock.alpha: [10, 60]}``).
 
+Executors: ``local`` (processes on this machine), ``slurm`` (submitit, one job array; a preempted
+or timed-out job requeues and resumes), ``submitit-local`` (that code path on this machine) and
+``ray`` (one Ray task per cell with its CPU/GPU request, on $RAY_ADDRESS or a local Ray).
+
 Every combination is a cell: its run directory is ``<sweep_dir>/<cell name>``, its config is
 written to ``<sweep_dir>/configs/<cell name>.yaml`` and its log to ``<sweep_dir>/logs/``. Every cell
 is validated before any runs. The local executor runs at most ``--jobs`` cells at a time, each as
@@ -37,7 +41,7 @@ from harness.errors import ConfigError
 LIST_FIELDS = ("methods", "tasks", "eval_at")
 # slurm: submitted through submitit (the optional extra .[slurm]); submitit-local: the same code path
 # on this machine through submitit's local executor (what the tests run, and a dry run for a cluster)
-EXECUTORS = ("local", "slurm", "submitit-local")
+EXECUTORS = ("local", "slurm", "submitit-local", "ray")
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,54 @@ def run_submitit(sweep_dir: Path, cells: list[Cell], cluster: str, params: dict,
     return status
 
 
+def _cell_process(config_path: str, log_path: str, threads: int) -> int:
+    """``seqedit run --resume`` of one cell in its own process, its output in the cell's log."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "harness.cli", "run", "--config", config_path, "--resume", "--no_progress"]
+    with open(log_path, "a") as log:
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def run_ray(sweep_dir: Path, cells: list[Cell], jobs: int, cpus: int | None, gpus: int | None,
+            progress=print) -> dict[str, int]:
+    """One Ray task per cell with its resource request, at most ``jobs`` in flight, on the cluster
+    at $RAY_ADDRESS, on a Ray already started in this process, or else on a local Ray."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("the ray executor needs Ray: pip install 'seqedit-harness[ray]'") from None
+    paths = write_configs(sweep_dir, cells)
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    cpus = cpus or 1
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus or 0)(_cell_process)
+    waiting = list(zip(cells, paths))
+    running: dict = {}
+    status: dict[str, int] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                cell, path = waiting.pop(0)
+                ref = task.remote(str(path), str(sweep_dir / "logs" / f"{cell.name}.log"), cpus)
+                running[ref] = cell
+                progress(f"[sweep] {cell.name}: submitted to Ray")
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                cell = running.pop(ref)
+                try:
+                    status[cell.name] = ray.get(ref)
+                except ray.exceptions.RayError as exc:  # the worker died: the cell resumes on a rerun
+                    status[cell.name] = 1
+                    progress(f"[sweep] {cell.name}: Ray task failed ({type(exc).__name__})")
+                rc = status[cell.name]
+                progress(f"[sweep] {cell.name}: {'done' if rc == 0 else f'failed (exit {rc}), see logs/{cell.name}.log'}")
+    finally:
+        if started_here:
+            ray.shutdown()
+    return status
+
+
 def run_local(sweep_dir: Path, cells: list[Cell], jobs: int, progress=print) -> dict[str, int]:
     """Run the cells as ``seqedit run --resume`` processes, at most ``jobs`` at a time; their
     exit statuses by cell name."""
@@ -251,12 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="cells at a time on this machine (default: 1)")
     p.add_argument("--dry_run", action="store_true",
                    help="list the cells (and for slurm print the sbatch script) without running (default: off)")
-    slurm = p.add_argument_group("slurm (through submitit)")
+    slurm = p.add_argument_group("slurm (through submitit) and ray")
     slurm.add_argument("--partition", help="Slurm partition (default: the cluster's)")
-    slurm.add_argument("--gpus", type=int, help="GPUs per cell (default: none)")
+    slurm.add_argument("--gpus", type=int, help="GPUs per cell, for Slurm and Ray (default: none)")
     slurm.add_argument("--time_min", type=int, help="time limit per job in minutes; a cell that runs out is "
                        "requeued and resumes (default: submitit's)")
-    slurm.add_argument("--cpus", type=int, help="CPUs per cell (default: the cluster's)")
+    slurm.add_argument("--cpus", type=int, help="CPUs per cell, for Slurm and Ray (default: the cluster's; Ray: 1)")
     args = p.parse_args(argv)
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
@@ -272,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.executor == "local":
         status = run_local(sweep_dir, cells, args.jobs)
+    elif args.executor == "ray":
+        status = run_ray(sweep_dir, cells, args.jobs, args.cpus, args.gpus)
     else:
         status = run_submitit(sweep_dir, cells, "slurm" if args.executor == "slurm" else "local", params)
     failed = sorted(name for name, rc in status.items() if rc != 0)

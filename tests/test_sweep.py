@@ -40,7 +40,7 @@ def test_every_cell_is_validated_before_anything_runs(tmp_path):
         read_sweep(_sweep_file(tmp_path, seed=0, output_dir="x"))
 
 
-def test_local_sweep_runs_every_cell_and_a_rerun_resumes_without_redoing_them(tmp_path):
+def test_local_sweep_runs_every_cell_and_a_rerun_resumes_without_redoing_them_and_submitit_and_ray_agree(tmp_path):
     from test_driver import tiny_model
 
     from harness.cli import main as seqedit
@@ -72,11 +72,22 @@ def test_local_sweep_runs_every_cell_and_a_rerun_resumes_without_redoing_them(tm
     config = yaml.safe_load(path.read_text())
     path.write_text(yaml.safe_dump({**config, "sweep_dir": str(tmp_path / "via_submitit")}))
     assert seqedit(["sweep", "--config", str(path), "--executor", "submitit-local"]) == 0
-    for seed in (0, 1):
-        got = json.loads((tmp_path / f"via_submitit/seed-{seed}/memit/checkpoints/edits_000002/results.json").read_text())
-        want = json.loads(results[seed])["results"]["counterfact_edit_scores"]
-        for key, value in got["results"]["counterfact_edit_scores"].items():
-            assert value == (pytest.approx(want[key], rel=1e-4, abs=1e-8) if isinstance(value, float) else want[key])
+    # and through a local Ray instance, one task per cell
+    import ray
+
+    path.write_text(yaml.safe_dump({**config, "sweep_dir": str(tmp_path / "via_ray")}))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert seqedit(["sweep", "--config", str(path), "--executor", "ray", "--jobs", "2"]) == 0
+    finally:
+        ray.shutdown()
+    for via in ("via_submitit", "via_ray"):
+        for seed in (0, 1):
+            got = json.loads((tmp_path / f"{via}/seed-{seed}/memit/checkpoints/edits_000002/results.json").read_text())
+            want = json.loads(results[seed])["results"]["counterfact_edit_scores"]
+            for key, value in got["results"]["counterfact_edit_scores"].items():
+                assert value == (pytest.approx(want[key], rel=1e-4, abs=1e-8) if isinstance(value, float)
+                                 else want[key]), (via, seed, key)
 
 
 def test_slurm_dry_run_prints_the_sbatch_script_with_the_sweep_parameters(tmp_path, capsys):
