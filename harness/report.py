@@ -333,7 +333,32 @@ def preservation_figure(model: str, series: list[Series]) -> Plot | None:
     _finish(fig, axes)
     return Plot(_stem(model, "preservation_loss"), f"Preservation loss: {model}",
                 "Mean squared change of each edited layer's output on generic text relative to "
-                "the original model, after each batch; dashed: the LyapLock threshold.", fig, model)
+                "the original model, after each batch; dashed: the LyapLock threshold α·D_base. "
+                "Look for the lines that cross it and for LyapLock staying near it once its queue acts. "
+                + crossing_summary(series), fig, model)
+
+
+def crossing_summary(series: list[Series]) -> str:
+    """When each method's preservation loss first passed a LyapLock threshold of the same layer (the
+    first LyapLock run's, for methods without a threshold of their own), in one sentence."""
+    reference = next((s.run.layer_series("threshold") for s in series if s.run.layer_series("threshold")), {})
+    if not reference:
+        return ""
+    parts = []
+    for line in series:
+        own = line.run.layer_series("threshold")
+        thresholds = own or reference
+        first = None
+        for layer, (xs, ys) in line.run.layer_series("preservation_loss").items():
+            limit = dict(zip(*thresholds.get(layer, ([], []))))
+            if not own and limit:  # a fixed threshold: the reference run's first one
+                limit = dict.fromkeys(xs, next(iter(limit.values())))
+            above = [x for x, y in zip(xs, ys) if limit.get(x) and y > limit[x]]
+            if above and (first is None or above[0] < first[0]):
+                first = (above[0], layer)
+        parts.append(f"{line.label} first passes it after {first[0]} edits (layer {first[1]})" if first
+                     else f"{line.label} stays below it")
+    return "; ".join(parts) + "."
 
 
 def queue_figure(model: str, series: list[Series]) -> Plot | None:

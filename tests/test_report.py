@@ -144,6 +144,8 @@ def test_preservation_loss_per_layer_with_dashed_thresholds_and_log_axis(written
         assert all(x.get_linestyle() == "--" for x in thresholds)
         assert all(x.get_linestyle() != "--" for x in ax.get_lines() if x not in thresholds)
         assert ax.get_yscale() == "log"  # memit grows 400-fold over 20 batches
+    # the caption says when each line crossed the threshold: (b + 1)^2 > 60 from batch 7 (80 edits)
+    assert f"memit (counterfact) first passes it after {8 * BATCH} edits (layer {LAYERS[0]})" in plots[1].caption
     memit = line(panels[0], "memit (counterfact)")
     assert list(memit.get_xdata())[:3] == [10, 20, 30]
     assert list(memit.get_ydata())[:3] == pytest.approx([1e-4, 4e-4, 9e-4])
