@@ -679,6 +679,12 @@ def write_report(runs: list[RunDir], out: Path, edits: int | None = None) -> tup
     plots = build_plots(runs)
     for plot in plots:
         save_plot(plot, out / FIGURES_DIR)
+    # figures an earlier report wrote here and this one does not draw would sit beside the page,
+    # stale: they go
+    drawn = {p.stem for p in plots}
+    for old in (out / FIGURES_DIR).glob("*"):
+        if old.suffix in (".png", ".svg") and old.stem not in drawn:
+            old.unlink()
     out.mkdir(parents=True, exist_ok=True)
     page = out / "report.html"
     page.write_text(report_html(runs, plots, edits), encoding="utf-8")

@@ -419,3 +419,14 @@ def test_capability_figure_draws_perplexity_and_the_subsets_above_chance(tmp_pat
     # the general figure keeps the rest and leaves out what the capability figure draws
     general = [a.get_title() for a in visible_axes(plots["general_capability"])]
     assert "gsm8k_edit" in general and not any(t.startswith(("edit_glue_sst2", "wikitext")) for t in general)
+
+
+def test_a_rewritten_report_leaves_no_stale_figures(tmp_path):
+    both = write_run(tmp_path, "both", SMOLLM, "counterfact", ["memit", "lyaplock"], 50, [0, 50])
+    alone = write_run(tmp_path, "alone", SMOLLM, "counterfact", ["memit"], 50, [0, 50])
+    out = tmp_path / "rep"
+    report.write_report(load_runs([both]), out)
+    assert (out / "figures" / "smollm2-135m-instruct_lyaplock_queue.png").exists()
+    _, plots = report.write_report(load_runs([alone]), out)
+    on_disk = {p.name for p in (out / "figures").iterdir()}
+    assert on_disk == {f"{p.stem}.{ext}" for p in plots for ext in ("png", "svg")}
