@@ -36,6 +36,7 @@ from harness.resultsdir import (
     MethodRun,
     RunDir,
     RunDirError,
+    combine_seeds,
     load_runs,
 )
 
@@ -102,7 +103,7 @@ TRAJECTORY_METRICS = ("efficacy", "generalization", "specificity", "fluency")
 
 def build_leaderboard(runs: list[RunDir], edits: int | None = None,
                       trajectory: Iterable[int] = TRAJECTORY_POINTS) -> Leaderboard:
-    method_runs = [m for run in runs for m in run.methods]
+    method_runs = combine_seeds([m for run in runs for m in run.methods])
     if not method_runs:
         raise RunDirError(
             "the run directories hold no method results yet: "
@@ -111,6 +112,8 @@ def build_leaderboard(runs: list[RunDir], edits: int | None = None,
     if edits is None:
         edits = default_edits(method_runs)
     notes = [note for run in runs for note in run.notes]
+    notes += [f"{m.method} on {m.model}: the mean over seeds {', '.join(map(str, m.seeds))}, ± the standard error "
+              "across them" for m in method_runs if m.seeds]
     for m in method_runs:
         if edits not in m.checkpoints:
             notes.append(

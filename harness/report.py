@@ -42,6 +42,7 @@ from harness.resultsdir import (
     RunDir,
     RunDirError,
     _layer_order,
+    combine_seeds,
     load_runs,
 )
 
@@ -113,7 +114,7 @@ def build_series(runs: list[RunDir]) -> list[Series]:
     """Colours follow the method, so a method looks the same in every figure; the line style
     tells apart runs of one method (edited with CounterFact or with ZsRE, say), and the legend
     names each method once, grouped, with one entry per line style."""
-    method_runs = sorted((m for run in runs for m in run.methods), key=lambda m: method_order(m.method))
+    method_runs = sorted(combine_seeds([m for run in runs for m in run.methods]), key=lambda m: method_order(m.method))
     unknown = [m for m in dict.fromkeys(m.method for m in method_runs) if m not in METHOD_COLORS]
     colors = {**METHOD_COLORS, **{m: EXTRA_PALETTE[i % len(EXTRA_PALETTE)] for i, m in enumerate(unknown)}}
     series = []

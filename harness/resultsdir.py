@@ -246,6 +246,8 @@ class MethodRun:
     edit_data: str
     trace: list[dict]
     checkpoints: dict[int, Checkpoint]  # by number of edits, ascending
+    config: dict = field(default_factory=dict)  # the run's config (manifest)
+    seeds: list = field(default_factory=list)  # where this row averages runs that differ only in seed
 
     @property
     def dataset(self) -> str | None:
@@ -416,8 +418,66 @@ def load_run(path: Path) -> RunDir:
             edit_data=str(config.get("edit_data") or ""),
             trace=read_trace(method_path / TRACE_FILE),
             checkpoints=read_checkpoints(method_path / CHECKPOINTS_DIR),
+            config=config,
         ))
     return run
+
+
+# config fields that say where a run lives or which seed it drew, not what it is
+NOT_A_SETTING = ("seed", "output_dir", "cache_dir")
+
+
+def combine_seeds(method_runs: list[MethodRun]) -> list[MethodRun]:
+    """Runs of one method that differ only in their seed (the cells of a sweep over seeds) become
+    one run whose every metric is the mean over the seeds, with the standard error across seeds,
+    at the checkpoints they all reached. Other runs are returned as they are."""
+    groups: dict[str, list[MethodRun]] = {}
+    for m in method_runs:
+        setting = {k: v for k, v in m.config.items() if k not in NOT_A_SETTING}
+        key = json.dumps([m.model, m.method, setting], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(m)
+    combined = []
+    for members in groups.values():
+        seeds = [m.config.get("seed") for m in members]
+        if len(members) < 2 or len(set(map(str, seeds))) < len(members) or not members[0].config:
+            combined.extend(members)
+            continue
+        points = sorted(set.intersection(*(set(m.checkpoints) for m in members)))
+        first = members[0]
+        combined.append(MethodRun(
+            method=first.method, path=first.path, run_path=first.run_path.parent / (
+                f"{first.run_path.name} (mean of {len(members)} seeds)"),
+            model=first.model, edit_data=first.edit_data, trace=first.trace,
+            checkpoints={p: _mean_checkpoint(p, [m.checkpoints[p] for m in members]) for p in points},
+            config=first.config, seeds=seeds))
+    return combined
+
+
+def _mean_checkpoint(edits: int, parts: list[Checkpoint]) -> Checkpoint:
+    """A checkpoint whose numbers are the means over ``parts`` (one per seed); each metric's
+    standard error is the spread across the seeds."""
+    results = json.loads(json.dumps(parts[0].results))
+    tables = [p.task_metrics() for p in parts]
+    for task, metrics in results.get("results", {}).items():
+        for key in list(metrics):
+            name, sep, filt = key.partition(",")
+            if not sep or name.endswith(STDERR_SUFFIX):
+                continue
+            values = [_number((t.get(task) or {}).get(key)) for t in tables]
+            if any(v is None for v in values):
+                continue
+            mean = sum(values) / len(values)
+            spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            metrics[key] = mean
+            metrics[f"{name}{STDERR_SUFFIX},{filt}"] = spread / math.sqrt(len(values))
+    rows = [(p.results.get("seqedit") or {}).get("retention") or {} for p in parts]
+    for task, strata in ((results.get("seqedit") or {}).get("retention") or {}).items():
+        for stratum, row in strata.items():
+            for field_name, value in list(row.items()):
+                values = [_number(((r.get(task) or {}).get(stratum) or {}).get(field_name)) for r in rows]
+                if _number(value) is not None and all(v is not None for v in values):
+                    row[field_name] = sum(values) / len(values)
+    return Checkpoint(edits, parts[0].path, results)
 
 
 def read_trace(path: Path) -> list[dict]:

@@ -696,3 +696,23 @@ def test_each_edit_glue_subset_shows_its_likelihood_accuracy_beside_the_pooled_m
                             GeneralMetric("edit_glue_rte", "acc_likelihood,none"),
                             GeneralMetric("edit_glue_sst2", "acc_likelihood,none")}  # not sst2's f1_generate
     assert general[GeneralMetric("edit_glue_sst2", "acc_likelihood,none")].stderr == 0.046
+
+
+def test_runs_that_differ_only_in_seed_show_their_mean_and_the_spread_across_seeds(tmp_path):
+    sweep = tmp_path / "sweep"
+    for seed, efficacy in ((0, 90.0), (1, 94.0), (2, 98.0)):
+        run = write_run(sweep, f"seed-{seed}", SMOLLM, "counterfact", ["memit"], 50, [0, 50])
+        manifest = json.loads((run / "manifest.json").read_text())
+        manifest["config"]["seed"] = seed
+        (run / "manifest.json").write_text(json.dumps(manifest))
+        path = run / "memit" / "checkpoints" / "edits_000050" / "results.json"
+        data = json.loads(path.read_text())
+        data["results"]["counterfact_edit_scores"]["efficacy,none"] = efficacy
+        path.write_text(json.dumps(data))
+    board = leaderboard.build_leaderboard(load_runs([sweep]))  # a sweep directory of cells
+    table = board.tables[0]
+    assert [r.labels[0] for r in table.rows] == ["Pre-edited", "memit"]
+    # mean 94, standard deviation 4 across the seeds, standard error 4 / sqrt(3)
+    assert texts(table, row_of(table, "memit", SMOLLM))["CounterFact Eff."] == "94.00 ± 2.31"
+    assert "memit on SmolLM2-135M-Instruct: the mean over seeds 0, 1, 2, ± the standard error across them" \
+        in board.notes
