@@ -277,31 +277,31 @@ def test_checkpoints_score_a_stratified_sample_and_the_last_one_every_record(tin
     from harness.driver import RunConfig, SequentialRun
     from harness.sampling import plan_sample, stratified_mean
 
-    monkeypatch.setattr(harness.driver, "EVAL_CHUNK", 5)
+    monkeypatch.setattr(harness.driver, "EVAL_CHUNK", 3)
 
-    cfg = RunConfig(model=str(tiny_dir), model_name="tiny-llama", methods=["memit"], num_edits=24,
-                    edit_batch_size=2, eval_every=12, tasks=["counterfact_edit"], eval_sample=8,
-                    fluency_sample=3, log_samples=True, output_dir=str(tmp_path / "run"), seed=5,
+    cfg = RunConfig(model=str(tiny_dir), model_name="tiny-llama", methods=["memit"], num_edits=12,
+                    edit_batch_size=2, eval_every=6, tasks=["counterfact_edit"], eval_sample=4,
+                    fluency_sample=2, log_samples=True, output_dir=str(tmp_path / "run"), seed=5,
                     cache_dir=str(tmp_path / "cache"), device="cpu", hparams={"memit": "smollm2-135m"},
                     overrides={"memit": TINY})
     SequentialRun(cfg, progress=False).run()
     # after its first batch the run says how long the rest will take, checkpoints included
-    assert re.search(r"\[memit\] forecast: 22 edits left at [0-9.]+ s/edit = [0-9.]+ h of editing; "
+    assert re.search(r"\[memit\] forecast: 10 edits left at [0-9.]+ s/edit = [0-9.]+ h of editing; "
                      r"2 checkpoints at about \d+ min", capsys.readouterr().out)
 
     def checkpoint(point):
         d = tmp_path / "run" / "memit" / "checkpoints" / f"edits_{point:06d}"
         return json.loads((d / "results.json").read_text()), json.loads((d / "samples.json").read_text())
 
-    stream = list(range(24))  # the bundled sample's case ids are 0, 1, ...
-    for point, n_scores, n_fluency in ((0, 8, 3), (12, 8, 3), (24, 24, 24)):
+    stream = list(range(12))  # the bundled sample's case ids are 0, 1, ...
+    for point, n_scores, n_fluency in ((0, 4, 2), (6, 4, 2), (12, 12, 12)):
         results, samples = checkpoint(point)
         sample = results["seqedit"]["evaluation_sample"]
         scored = sample["counterfact_edit_scores"]
-        records = 24 if point == 0 else point  # before any edit: the records the run will edit
-        plan = plan_sample(records, None if point == 24 else 8, 2, 5)
+        records = 12 if point == 0 else point  # before any edit: the records the run will edit
+        plan = plan_sample(records, None if point == 12 else 4, 2, 5)
         assert scored["case_ids"] == [stream[p] for p in plan.positions] and len(plan.positions) == n_scores
-        assert scored["complete"] == (point == 24) and {0, 1} <= set(scored["case_ids"])
+        assert scored["complete"] == (point == 12) and {0, 1} <= set(scored["case_ids"])
         fluency = sample["counterfact_edit_generation"]
         assert fluency["scored"] == n_fluency and fluency["field"] == "fluency_sample"
         assert [d["doc"]["case_id"] for d in samples["counterfact_edit_generation"]] == fluency["case_ids"]
@@ -317,9 +317,9 @@ def test_checkpoints_score_a_stratified_sample_and_the_last_one_every_record(tin
         rows = results["seqedit"]["retention"]["counterfact_edit_scores"]
         assert rows["first_batch"]["scored"] == 2 and "generalization" in rows["first_batch"]
         assert rows["first_batch"]["edits_since"] == point - 2
-    assert not (tmp_path / "run/memit/checkpoints/edits_000024/partial").exists()
+    assert not (tmp_path / "run/memit/checkpoints/edits_000012/partial").exists()
 
-    # killed in the middle of the last evaluation (24 records in chunks of 5: 5 lm-eval calls per
+    # killed in the middle of the last evaluation (12 records in chunks of 3: 4 lm-eval calls per
     # subtask), the resumed run keeps the chunks already scored and ends with the same results
     import harness.driver as driver
 
@@ -327,7 +327,7 @@ def test_checkpoints_score_a_stratified_sample_and_the_last_one_every_record(tin
     real_write, calls = driver.atomic_write_text, []
 
     def crash_on_third_chunk(path, text):
-        if path.parent.name == "partial" and "edits_000024" in str(path):
+        if path.parent.name == "partial" and "edits_000012" in str(path):
             calls.append(path.name)
             if len(calls) == 3:
                 raise KeyboardInterrupt("killed")
@@ -337,7 +337,7 @@ def test_checkpoints_score_a_stratified_sample_and_the_last_one_every_record(tin
     with pytest.raises(KeyboardInterrupt):
         SequentialRun(killed, progress=False).run()
     monkeypatch.setattr(driver, "atomic_write_text", real_write)
-    partial = tmp_path / "killed/memit/checkpoints/edits_000024/partial"
+    partial = tmp_path / "killed/memit/checkpoints/edits_000012/partial"
     assert sorted(p.name for p in partial.iterdir()) == ["counterfact_edit_scores.0000.json",
                                                          "counterfact_edit_scores.0001.json"]
     import lm_eval
@@ -350,8 +350,8 @@ def test_checkpoints_score_a_stratified_sample_and_the_last_one_every_record(tin
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", counting)
     SequentialRun(killed, resume=True, progress=False).run()
-    assert evaluated == ["counterfact_edit_scores"] * 3 + ["counterfact_edit_generation"] * 5
-    for point in (0, 12, 24):
+    assert evaluated == ["counterfact_edit_scores"] * 2 + ["counterfact_edit_generation"] * 4
+    for point in (0, 6, 12):
         a, b = (json.loads((tmp_path / d / f"memit/checkpoints/edits_{point:06d}/results.json").read_text())
                 for d in ("run", "killed"))
         assert a["results"] == b["results"] and a["seqedit"]["retention"] == b["seqedit"]["retention"]
