@@ -42,7 +42,7 @@ from pathlib import Path
 import yaml
 
 from harness.errors import ConfigError, UserError, did_you_mean, unknown_names_error, whole_number
-from harness.sampling import SamplePlan, plan_sample, retention, stratified_mean
+from harness.sampling import RETENTION_METRICS, SamplePlan, plan_sample, retention, stratified_mean
 
 log = logging.getLogger("harness.driver")
 
@@ -61,7 +61,7 @@ class RunConfig:
     eval_every: int = 10
     eval_at: list[int] = field(default_factory=list)  # checkpoints besides every eval_every edits
     tasks: list[str] = field(default_factory=lambda: ["counterfact_edit"])
-    limit: int | None = None  # per general-capability task; editing tasks score every edited record
+    limit: int | None = None  # per general-capability task; editing tasks are sized by eval_sample
     # records an editing task scores at a checkpoint (None: all); the last checkpoint scores all
     eval_sample: int | None = 500
     fluency_sample: int | None = 100
@@ -623,15 +623,16 @@ class SequentialRun:
         rate = first_batch["edit_seconds"] / max(1, first_batch["batch_size"])
         later = self.methods[self.methods.index(method) + 1:]
         edits_left = cfg.num_edits - first_batch["edits_done"] + cfg.num_edits * len(later)
-        measured = []
+        measured = {}
         for p in cfg.checkpoints():
             path = self._checkpoint_path(method, p)
             if path.exists():
                 with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-                    measured.append((p, sum(json.loads(path.read_text())["seqedit"]["evaluation_seconds"].values())))
-        # the pre-edited checkpoint scores the whole planned stream's sample; later ones alike
-        per_checkpoint = (sum(x for p, x in measured if p) / max(1, sum(1 for p, _ in measured if p))
-                          if any(p for p, _ in measured) else (measured[0][1] if measured else None))
+                    measured[p] = sum(json.loads(path.read_text())["seqedit"]["evaluation_seconds"].values())
+        # checkpoints after editing began if there are any, else the pre-edited one (a sample of the
+        # same size)
+        after = [x for p, x in measured.items() if p] or list(measured.values())
+        per_checkpoint = sum(after) / len(after) if after else None
         points_left = sum(1 for p in cfg.checkpoints() if p >= first_batch["edits_done"]
                           and not self._checkpoint_path(method, p).exists()) + len(cfg.checkpoints()) * len(later)
         editing_h = edits_left * rate / 3600
@@ -737,7 +738,6 @@ def task_manager_for(cfg: RunConfig):
 # the editing tasks whose records a checkpoint samples, and the run-config field that sizes each
 SAMPLED_TASKS = {"counterfact_edit_scores": "eval_sample", "zsre_edit_scores": "eval_sample",
                  "counterfact_edit_generation": "fluency_sample"}
-RETENTION_METRICS = ("efficacy", "generalization")
 
 
 def evaluation_plans(cfg: RunConfig, n_records: int, final: bool) -> dict[str, SamplePlan]:
@@ -934,7 +934,7 @@ FLAG_HELP = {
     "eval_every": "edits between evaluations (a multiple of --edit_batch_size)",
     "eval_at": "comma-separated extra checkpoints, in edits (multiples of --edit_batch_size), e.g. 100,500",
     "tasks": "comma-separated lm-eval tasks",
-    "limit": "documents per general-capability task (editing tasks score every edited record)",
+    "limit": "documents per general-capability task (editing tasks: see --eval_sample)",
     "eval_sample": "edited records the editing tasks score at a checkpoint: the first batch and a seeded "
                    "share of every tenth of the edits; the last checkpoint scores all (all: always all)",
     "fluency_sample": "edited records whose text is sampled for fluency at a checkpoint, spread over the "

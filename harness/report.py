@@ -45,6 +45,7 @@ from harness.resultsdir import (
     combine_seeds,
     load_runs,
 )
+from harness.sampling import RETENTION_METRICS
 
 EDITS_AXIS = "number of edits"
 SECONDS_AXIS = "seconds per batch"
@@ -218,6 +219,14 @@ def _finish(fig: Figure, axes: list) -> None:
         fig.legend(handles, labels, loc="outside right upper", fontsize=8)
 
 
+def _plot_with_band(ax, line: Series, xs: list, means: list, errs: list) -> None:
+    """A line with markers, shaded ± one standard error where every point has one."""
+    ax.plot(xs, means, marker="o", markersize=3, color=line.color, linestyle=line.linestyle, label=line.label)
+    if all(isinstance(e, (int, float)) for e in errs):
+        ax.fill_between(xs, [m - e for m, e in zip(means, errs)], [m + e for m, e in zip(means, errs)],
+                        color=line.color, alpha=0.15)
+
+
 def _log_if_wide(ax, values: list[float]) -> None:
     positive = [v for v in values if v > 0]
     if positive and max(positive) / min(positive) > LOG_SCALE_SPAN:
@@ -237,13 +246,8 @@ def editing_figure(model: str, series: list[Series]) -> Plot | None:
         for line in series:
             xs, means, errs, faults = _checkpoint_points(line.run, editing, spec.key)
             _mark_faults(ax, faults, line.color)
-            if not xs:
-                continue
-            ax.plot(xs, means, marker="o", markersize=3, color=line.color,
-                    linestyle=line.linestyle, label=line.label)
-            if all(e is not None for e in errs):
-                ax.fill_between(xs, [m - e for m, e in zip(means, errs)],
-                                [m + e for m, e in zip(means, errs)], color=line.color, alpha=0.15)
+            if xs:
+                _plot_with_band(ax, line, xs, means, errs)
         ax.set(title=spec.title, xlabel=EDITS_AXIS, ylabel=spec.axis_label)
         ax.grid(alpha=0.3)
     _finish(fig, axes)
@@ -254,7 +258,6 @@ def editing_figure(model: str, series: list[Series]) -> Plot | None:
                 "there (see the notes).", fig, model)
 
 
-RETENTION_METRICS = ("efficacy", "generalization")
 EDITS_SINCE_AXIS = "edits made after the records were edited"
 
 
@@ -495,9 +498,8 @@ def _task_points(run: MethodRun, task: str, key: str) -> tuple[list, list, list]
     return xs, means, errs
 
 
-def capability_figure(model: str, series: list[Series]) -> Plot | None:
-    """Perplexity of held-out text, and the edit_glue subsets on which the unedited model is
-    measurably above chance by likelihood: the general ability a small model can show."""
+def capability_panels(series: list[Series]) -> tuple[list[tuple], list[str]]:
+    """((task, metric key, y label, chance level or None) per panel, the subsets left at chance)."""
     panels, at_chance = [], []
     if any(_task_points(s.run, *PERPLEXITY)[0] for s in series):
         panels.append((PERPLEXITY[0], PERPLEXITY[1], "word perplexity (lower is better)", None))
@@ -508,19 +510,21 @@ def capability_figure(model: str, series: list[Series]) -> Plot | None:
             panels.append((task, LIKELIHOOD_ACCURACY, f"{name} accuracy (likelihood)", chance))
         else:
             at_chance.append(name if z is None else f"{name} (z = {z:.1f})")
+    return panels, at_chance
+
+
+def capability_figure(model: str, series: list[Series]) -> Plot | None:
+    """Perplexity of held-out text, and the edit_glue subsets on which the unedited model is
+    measurably above chance by likelihood: the general ability a small model can show."""
+    panels, at_chance = capability_panels(series)
     if not panels:
         return None
     fig, axes = _grid(len(panels), f"General capability a small model shows: {model}")
     for ax, (task, key, ylabel, chance) in zip(axes, panels):
         for line in series:
             xs, means, errs = _task_points(line.run, task, key)
-            if not xs:
-                continue
-            ax.plot(xs, means, marker="o", markersize=3, color=line.color, linestyle=line.linestyle,
-                    label=line.label)
-            if all(isinstance(e, float) for e in errs):
-                ax.fill_between(xs, [m - e for m, e in zip(means, errs)], [m + e for m, e in zip(means, errs)],
-                                color=line.color, alpha=0.15)
+            if xs:
+                _plot_with_band(ax, line, xs, means, errs)
         if chance is not None:
             ax.axhline(chance, color="0.4", linestyle=":", linewidth=1, label=f"chance ({chance:g})")
         ax.set(title=task, xlabel=EDITS_AXIS, ylabel=ylabel)
@@ -537,10 +541,9 @@ def capability_figure(model: str, series: list[Series]) -> Plot | None:
 def general_figure(model: str, series: list[Series]) -> Plot | None:
     """Every other general-capability metric (the ones the capability figure draws are left out)."""
     general = MethodRun.general_at
-    shown = {PERPLEXITY[0], "edit_glue", *glue_subsets(series)}
+    drawn = {PERPLEXITY[0], "edit_glue", *glue_subsets(series)} if capability_panels(series)[0] else set()
     metrics: list[GeneralMetric] = list(dict.fromkeys(
-        key for s in series for edits in s.run.checkpoints for key in general(s.run, edits)
-        if key.task not in shown or not capability_figure_drawn(series)
+        key for s in series for edits in s.run.checkpoints for key in general(s.run, edits) if key.task not in drawn
     ))
     if not metrics:
         return None
@@ -559,11 +562,6 @@ def general_figure(model: str, series: list[Series]) -> Plot | None:
     return Plot(_stem(model, "general_capability"), f"General capability: {model}",
                 "lm-eval metrics of the general-capability tasks at each checkpoint "
                 "(0 = pre-edited).", fig, model)
-
-
-def capability_figure_drawn(series: list[Series]) -> bool:
-    return any(_task_points(s.run, *PERPLEXITY)[0] for s in series) or any(
-        (chance_finding(series, t)[1] or 0) >= ABOVE_CHANCE_Z for t in glue_subsets(series))
 
 
 def build_plots(runs: list[RunDir]) -> list[Plot]:

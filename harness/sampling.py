@@ -24,13 +24,15 @@ forgetting curve of sequential editing.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 TENTHS = 10
 FIRST_BATCH = "first_batch"
+# the metrics whose retention rows a checkpoint keeps: did the edit, and its paraphrases, survive
+RETENTION_METRICS = ("efficacy", "generalization")
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ def plan_sample(n_records: int, size: int | None, first_batch: int, seed: int,
     rest = [(name, a, b, carved) for name, a, b, carved in bounds if name != FIRST_BATCH]
     rest_total = sum(b - a - carved for _, a, b, carved in rest)
     budget = 0 if everything else size - first_batch
-    # largest-remainder allocation in proportion to the strata's sizes, at least one each
+    # largest-remainder allocation in proportion to the strata's sizes
     quotas = {}
     if rest and not everything:
         exact = {name: budget * (b - a - c) / rest_total for name, a, b, c in rest}
@@ -167,9 +169,3 @@ def retention(metrics: Mapping[str, Mapping[int, float]], plan: SamplePlan, batc
                 row[f"{name}_stderr"] = float(np.std(got, ddof=1) / math.sqrt(len(got))) if len(got) > 1 else math.nan
         out[s.name] = row
     return out
-
-
-def positions_of(case_ids: Iterable, order: list) -> list[int]:
-    """Positions in the edit order ``order`` (case ids) of ``case_ids``."""
-    index = {c: i for i, c in enumerate(order)}
-    return [index[c] for c in case_ids]

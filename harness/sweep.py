@@ -215,12 +215,16 @@ def run_submitit(sweep_dir: Path, cells: list[Cell], cluster: str, params: dict,
     return status
 
 
+def _cell_command(config_path) -> list[str]:
+    """The ``seqedit run --resume`` command of one cell."""
+    return [sys.executable, "-m", "harness.cli", "run", "--config", str(config_path), "--resume", "--no_progress"]
+
+
 def _cell_process(config_path: str, log_path: str, threads: int) -> int:
-    """``seqedit run --resume`` of one cell in its own process, its output in the cell's log."""
+    """One cell in its own process, its output in the cell's log (a Ray task)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", "harness.cli", "run", "--config", config_path, "--resume", "--no_progress"]
     with open(log_path, "a") as log:
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        return subprocess.run(_cell_command(config_path), stdout=log, stderr=subprocess.STDOUT, env=env).returncode
 
 
 def run_ray(sweep_dir: Path, cells: list[Cell], jobs: int, cpus: int | None, gpus: int | None,
@@ -278,9 +282,8 @@ def run_local(sweep_dir: Path, cells: list[Cell], jobs: int, progress=print) -> 
                 cell = waiting.pop(0)
                 config_path = config_paths[cell.name]
                 log = open(sweep_dir / "logs" / f"{cell.name}.log", "a")
-                command = [sys.executable, "-m", "harness.cli", "run", "--config", str(config_path), "--resume",
-                           "--no_progress"]
-                running[cell.name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+                running[cell.name] = (subprocess.Popen(_cell_command(config_path), stdout=log,
+                                                       stderr=subprocess.STDOUT, env=env), log)
                 progress(f"[sweep] {cell.name}: started")
             for name, (proc, log) in list(running.items()):
                 if proc.poll() is not None:

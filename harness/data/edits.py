@@ -489,8 +489,9 @@ def load_edit_data(spec: str = "counterfact", limit: int | None = None, zsre_tar
     (schema detected; ZsRE if records carry 'src')."""
     name, _, qual = spec.partition(":")
     if spec in NAMED_STREAMS:
-        reqs = _load(NAMED_STREAMS[spec][0], _named_stream_files(spec), None, **(
-            {"target": zsre_target} if NAMED_STREAMS[spec][0] == "zsre" else {}))
+        kind = NAMED_STREAMS[spec][0]
+        options = {"target": zsre_target} if kind == "zsre" else {}
+        reqs = _load(kind, _named_stream_files(spec), None, **options)
     elif name in ("counterfact", "mcf", "cf"):
         reqs = load_counterfact(limit=None, full=qual == "full")
     elif name == "zsre":

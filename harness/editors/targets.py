@@ -229,7 +229,8 @@ def _suffix_pass(model, arch, layer, upper: _UpperStack, tokenizer, texts, looku
             h = _group_suffix_pass(model, arch, layer, upper, group, tokenizer.pad_token_id,
                                    [prefixes[r] for r in rows], [suffixes[r] for r in rows], device)
         else:
-            h = _group_whole_pass(model, arch, layer, upper, group, [suffixes[r] for r in rows], device)
+            h = _group_whole_pass(model, arch, layer, upper, group,
+                                  torch.tensor([suffixes[r] for r in rows], device=device))
         if h is None:
             return None
         if h_layer is None:
@@ -268,8 +269,8 @@ def _group_suffix_pass(model, arch, layer, upper, group: _Group, pad, prefixes, 
     return h
 
 
-def _group_whole_pass(model, arch, layer, upper, group: _Group, sequences, device):
-    group.suf_ids = torch.tensor(sequences, device=device)
+def _group_whole_pass(model, arch, layer, upper, group: _Group, ids: torch.Tensor):
+    group.suf_ids = ids
     return _run_to_layer(model, arch, layer, upper, group, input_ids=group.suf_ids,
                          attention_mask=torch.ones_like(group.suf_ids), use_cache=False)
 
@@ -288,7 +289,7 @@ def _narrowed_group(model, arch, layer, upper, group: _Group, local: torch.Tenso
     run again up to the edit layer (cheap: a few tokens through the lower blocks)."""
     narrowed = _Group(group.rows[local], group.length)
     if group.cache is None:
-        _group_whole_pass(model, arch, layer, upper, narrowed, group.suf_ids[local].tolist(), group.suf_ids.device)
+        _group_whole_pass(model, arch, layer, upper, narrowed, group.suf_ids[local])
         return narrowed
     cache = _new_cache(model)
     for i, (k, v) in enumerate(group.prefix_kv):
