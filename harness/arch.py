@@ -78,9 +78,18 @@ def get_module(model, name: str):
     return module
 
 
+def edit_module(model, arch: Architecture, layer: int):
+    """The module whose weight is edited at ``layer`` (the MLP output projection)."""
+    return get_module(model, arch.mlp_out_name(layer))
+
+
 def edit_weight(model, arch: Architecture, layer: int):
-    """The edited parameter of ``layer`` (stored orientation: see ``transposed``)."""
-    return get_module(model, arch.mlp_out_name(layer)).weight
+    """The edited weight of ``layer`` in its stored orientation (see ``transposed``): the parameter,
+    or for a layer offloaded by accelerate its value in the offload map
+    (:func:`harness.placement.read_parameter`)."""
+    from harness.placement import read_parameter
+
+    return read_parameter(edit_module(model, arch, layer))
 
 
 def weight_as_out_in(weight, arch: Architecture):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from harness.placement import input_device
+
 TOTAL_TOKENS_KEY = "total_tokens"
 SAMPLER_MIN_BATCH = 64
 
@@ -39,7 +41,7 @@ def sample_to_total_length(model, prompts: list[list[int]], total_tokens: int, t
                            progress=None) -> list[list[int]]:
     """New token ids for every prompt (token-id lists), ``total_tokens - len(prompt)`` each
     (none for a prompt already that long)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     out: list[list[int]] = [[] for _ in prompts]
     order = sorted((i for i, p in enumerate(prompts) if len(p) < total_tokens),
                    key=lambda i: -len(prompts[i]))

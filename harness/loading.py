@@ -311,9 +311,12 @@ def load_model(
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    offload_folder: str | None = None,
 ):
     """Load (model, tokenizer). ``device`` as in lm-eval ('cpu', 'cuda', 'cuda:0'); ``device_map``
-    as in transformers (takes precedence)."""
+    and ``offload_folder`` as in transformers (``device_map`` takes precedence over ``device``:
+    "auto" shards the model over the GPUs and offloads what does not fit to the CPU, then to
+    ``offload_folder``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -326,6 +329,8 @@ def load_model(
         kwargs["revision"] = revision
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
     if gguf:
         name = str(dequantised_dir(gguf, torch_dtype))
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kwargs)

@@ -75,6 +75,7 @@ class EditingLM(HFLM):
         dtype: str = "float32",
         device: str | None = None,
         device_map=None,
+        offload_folder: str | None = None,
         gguf_file: str | None = None,
         zsre_target: str = "answers",
         progress: bool = True,
@@ -109,7 +110,7 @@ class EditingLM(HFLM):
             raise ConfigError(f"{self.method}_hf: {exc}") from None
         if isinstance(pretrained, str) or pretrained is None:
             model, tok = load_model(pretrained, dtype=dtype, device=_resolve_device(device),
-                                    device_map=device_map, gguf_file=gguf_file)
+                                    device_map=device_map, offload_folder=offload_folder, gguf_file=gguf_file)
         else:
             model, tok = pretrained, tokenizer
         kwargs.pop("trust_remote_code", None)

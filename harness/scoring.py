@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.generation import left_padded
+from harness.placement import input_device
 
 # rows x width of one stage-2 batch: its logits take this many x vocabulary floats
 # (prefix rows x width near 2,048 tokens is where 2 CPU cores run a 135M model fastest)
@@ -177,7 +178,7 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id
     each (context tokens, continuation tokens) pair, as lm-eval's HFLM defines them."""
     if not requests:
         return []
-    device = next(model.parameters()).device
+    device = input_device(model)
     sequences = [tuple(ctx) + tuple(cont) for ctx, cont in requests]
     firsts = []
     for ctx, cont in requests:

@@ -17,7 +17,7 @@ class AlphaEditEditor(Editor):
         self.projectors = {layer: nullspace_projector(self.C0[layer], self.hp.nullspace_threshold)
                            for layer in self.layers}
         if not hasattr(self, "memory"):
-            self.memory = {layer: EditMemory(track_values=False, device=self.device) for layer in self.layers}
+            self.memory = {layer: EditMemory(track_values=False, device=self.layer_devices[layer]) for layer in self.layers}
 
     def solve_layer(self, i, layer, W, K, R, requests):
         return alphaedit_delta(R, K, self.projectors[layer], self.memory[layer].S_KK, self.hp.l2)

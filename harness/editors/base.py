@@ -20,13 +20,14 @@ from collections import defaultdict
 
 import torch
 
-from harness.arch import architecture_for, edit_weight, weight_as_out_in
+from harness.arch import architecture_for, edit_module, edit_weight, weight_as_out_in
 from harness.editors.context import generate_context_templates
 from harness.editors.guard import check_target_values, checked_weight
 from harness.editors.keys import StagedForward, average_keys, bare_prompts, templated_prompts
 from harness.editors.solvers import preservation_loss
 from harness.editors.stats import load_or_compute_second_moments
 from harness.editors.targets import compute_target_values
+from harness.placement import execution_device, input_device, write_parameter
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class Editor:
         self.cache_dir = cache_dir
         self.seed = seed
         self.progress = progress
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
+        self.place_layers()
         self.templates: list[list[str]] | None = None
         self.C0: dict[int, torch.Tensor] = {}
         self.W0: dict[int, torch.Tensor] = {}
@@ -57,15 +59,25 @@ class Editor:
         self.prepared = False
 
     # ------------------------------------------------------------------ weights
+    def place_layers(self) -> None:
+        """Each edited layer's statistics, keys and update live where the layer computes (a model
+        sharded or offloaded with device_map): call again after changing ``layers``."""
+        self.layer_devices = {layer: execution_device(edit_module(self.model, self.arch, layer))
+                              for layer in self.layers}
+
     def weight(self, layer: int) -> torch.Tensor:
-        """(d_out, d_in) view of the edited weight of ``layer``."""
-        return weight_as_out_in(edit_weight(self.model, self.arch, layer), self.arch)
+        """(d_out, d_in) edited weight of ``layer`` on the layer's device: a view of the parameter,
+        or for an offloaded layer a copy (written back by ``set_weight``)."""
+        W = edit_weight(self.model, self.arch, layer).to(self.layer_devices[layer])
+        return weight_as_out_in(W, self.arch)
 
     @torch.no_grad()
     def set_weight(self, layer: int, W_new: torch.Tensor) -> None:
-        self.weight(layer).copy_(W_new.to(self.weight(layer).dtype))
+        """Write the (d_out, d_in) ``W_new`` as ``layer``'s edited weight, where the model reads it."""
+        write_parameter(edit_module(self.model, self.arch, layer), "weight", W_new.T if self.arch.transposed else W_new)
 
-    def edited_parameters(self) -> dict[str, torch.nn.Parameter]:
+    def edited_weights(self) -> dict[str, torch.Tensor]:
+        """The edited weights by parameter name, in their stored orientation."""
         return {self.arch.mlp_out_name(layer) + ".weight": edit_weight(self.model, self.arch, layer)
                 for layer in self.layers}
 
@@ -82,7 +94,7 @@ class Editor:
             mom2 = load_or_compute_second_moments(
                 self.model, self.arch, self.tokenizer, self.layers, self.hp.stats_corpus,
                 self.hp.stats_samples, self.hp.stats_max_tokens, self.cache_dir, progress=self.progress)
-            self.C0 = {layer: m.to(self.device, torch.float64) for layer, m in mom2.items()}
+            self.C0 = {layer: m.to(self.layer_devices[layer], torch.float64) for layer, m in mom2.items()}
         self.prepare_state()
         self.prepared = True
         self.prepare_seconds = time.perf_counter() - t0
@@ -124,10 +136,11 @@ class Editor:
         for i, layer in enumerate(self.layers):
             t0 = time.perf_counter()
             # each read starts at this layer's block input, which the layers written so far left as is
+            device = self.layer_devices[layer]
             K = average_keys(keys_pass.read("key", layer, resume_from=layer), owner, group, len(requests),
-                             len(self.templates))
+                             len(self.templates)).to(device)
             current = bare_pass.read("hidden", last, resume_from=layer)
-            R = ((tv.z_star - current) / (len(self.layers) - i)).T
+            R = ((tv.z_star.to(current.device) - current) / (len(self.layers) - i)).T.to(device)
             phases["keys"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             W = self.weight(layer).detach().clone()
@@ -222,7 +235,7 @@ class Editor:
             "batches_done": self.batches_done,
             "edits_done": self.edits_done,
             "templates": self.templates,
-            "weights": {n: p.detach().cpu().clone() for n, p in self.edited_parameters().items()},
+            "weights": {n: p.detach().cpu().clone() for n, p in self.edited_weights().items()},
             "editor": self.extra_state(),
         }
 
@@ -232,9 +245,10 @@ class Editor:
             raise ValueError(f"state was saved by {state['method']!r}, this editor is {self.name!r}")
         self.templates = state["templates"]
         self.prepare()  # statistics and W0 from the still unedited weights
-        params = self.edited_parameters()
+        modules = {self.arch.mlp_out_name(layer) + ".weight": edit_module(self.model, self.arch, layer)
+                   for layer in self.layers}
         for n, value in state["weights"].items():
-            params[n].copy_(value.to(params[n].device, params[n].dtype))
+            write_parameter(modules[n], "weight", value)
         self.batches_done = state["batches_done"]
         self.edits_done = state["edits_done"]
         self.load_extra_state(state["editor"])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from harness.placement import input_device
+
 PREFIXES = ["The", "Therefore", "Because", "I", "You"]
 
 
@@ -19,7 +21,7 @@ def sample_top_k(model, tokenizer, prompts: list[str], max_length: int, top_k: i
                  generator: torch.Generator | None = None) -> list[str]:
     """Top-k sampling until each text holds ``max_length`` tokens in total (prompt included),
     one token per step for all prompts at once (left-padded so every row ends at the same step)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     enc = [tokenizer(p).input_ids for p in prompts]
     width = max(len(e) for e in enc)
     pad = tokenizer.pad_token_id

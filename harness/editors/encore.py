@@ -19,7 +19,7 @@ class ENCOREEditor(Editor):
 
     def prepare_state(self):
         if not hasattr(self, "memory"):
-            self.memory = {layer: EditMemory(track_values=False, device=self.device) for layer in self.layers}
+            self.memory = {layer: EditMemory(track_values=False, device=self.layer_devices[layer]) for layer in self.layers}
 
     def solve_layer(self, i, layer, W, K, R, requests):
         return encore_delta(R, K, self.C0[layer], self.hp.mom2_update_weight,

@@ -34,12 +34,13 @@ import time
 
 import torch
 
-from harness.arch import edit_weight, get_module
+from harness.arch import edit_module, edit_weight, get_module
 from harness.editors.base import Editor
 from harness.editors.guard import NonFiniteUpdateError, checked_weight
 from harness.editors.hooks import StopForward
 from harness.editors.solvers import preservation_loss
 from harness.editors.tokens import right_padded, target_ids
+from harness.placement import is_offloaded
 
 LOSS_STOP = 1e-2  # the reference's "already learned" threshold
 
@@ -125,6 +126,12 @@ class FTEditor(Editor):
         if hparams.ft_norm_constraint is not None and hparams.ft_norm_constraint < 0:
             raise ValueError(f"ft_norm_constraint must be >= 0 or null (unconstrained), got {hparams.ft_norm_constraint}")
         self.templates = [["{}"]]  # FT trains on the bare prompts: no context templates to generate
+        self.place_layers()
+        offloaded = [layer for layer in self.layers if is_offloaded(edit_module(model, self.arch, layer))]
+        if offloaded:
+            raise ValueError(f"FT trains the edited weights as parameters, and layers {offloaded} are offloaded by "
+                             "device_map (their weights live outside the model between forward passes): keep the "
+                             "edited blocks on a device in the device_map, or use a closed-form editor")
 
     def apply_batch(self, requests) -> dict:
         self.prepare()

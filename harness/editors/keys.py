@@ -13,6 +13,7 @@ import torch
 from harness.arch import Architecture, get_module
 from harness.editors.hooks import StopForward, capture, run_until
 from harness.editors.tokens import right_padded, subject_last_index
+from harness.placement import input_device
 
 
 def templated_prompts(tokenizer, requests, templates: list[list[str]]):
@@ -49,7 +50,7 @@ def read_at_subject(model, arch: Architecture, tokenizer, texts, idxs, layers, w
     modules = {n: get_module(model, n) for n in names}
     top = max(layers)
     stop_name = next(n for n, layer in names.items() if layer == top)
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = {layer: [] for layer in layers}
     for start in range(0, len(texts), batch_size):
         ids, mask = right_padded(tokenizer, texts[start:start + batch_size], device)
@@ -58,7 +59,8 @@ def read_at_subject(model, arch: Architecture, tokenizer, texts, idxs, layers, w
         with capture(modules, kind, stop_after=stop_name) as store:
             run_until(model, True, input_ids=ids, attention_mask=mask)
         for name, layer in names.items():
-            out[layer].append(store[name][rows, pos].float())
+            vecs = store[name]  # on the layer's device
+            out[layer].append(vecs[rows.to(vecs.device), pos.to(vecs.device)].float())
     return {layer: torch.cat(v) for layer, v in out.items()}
 
 
@@ -91,7 +93,7 @@ class StagedForward:
     def __init__(self, model, arch: Architecture, tokenizer, texts: list[str], idxs: list[int],
                  batch_size: int = 64):
         self.model, self.arch = model, arch
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.chunks = []
         for start in range(0, len(texts), batch_size):
             ids, mask = right_padded(tokenizer, texts[start:start + batch_size], self.device)
@@ -117,7 +119,8 @@ class StagedForward:
         for c, (ids, mask, pos) in enumerate(self.chunks):
             with capture({name: module}, kind, stop_after=name) as store:
                 self.saved[c] = self._pass(c, ids, mask, layer, resume_from)
-            out.append(store[name][torch.arange(ids.shape[0], device=self.device), pos].float())
+            vecs = store[name]  # on the layer's device
+            out.append(vecs[torch.arange(ids.shape[0], device=vecs.device), pos.to(vecs.device)].float())
         return torch.cat(out)
 
     def _pass(self, c: int, ids, mask, layer: int, resume_from: int) -> tuple:

@@ -69,7 +69,7 @@ class LyapLockEditor(Editor):
                                  a=hp.queue_a, z_floor=hp.queue_floor)
             for layer in self.layers
         }
-        self.memory = {layer: EditMemory(track_values=True, device=self.device) for layer in self.layers}
+        self.memory = {layer: EditMemory(track_values=True, device=self.layer_devices[layer]) for layer in self.layers}
 
     def solve_layer(self, i, layer, W, K, R, requests):
         queue, memory, hp = self.queues[layer], self.memory[layer], self.hp

@@ -76,7 +76,7 @@ class PruneRestraint:
         return {str(layer): W.detach().cpu().clone() for layer, W in self.raw.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.raw = {int(layer): W.to(self.editor.device, self.editor.weight(int(layer)).dtype)
+        self.raw = {int(layer): W.to(self.editor.layer_devices[int(layer)], self.editor.weight(int(layer)).dtype)
                     for layer, W in state.items()}
 
 

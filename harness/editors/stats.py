@@ -42,6 +42,7 @@ from harness import cache_root
 from harness.arch import Architecture, edit_weight, get_module, weight_as_out_in
 from harness.editors.hooks import capture, run_until
 from harness.loading import file_sha256
+from harness.placement import input_device, named_parameter_values
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def keys_fingerprints(model, arch: Architecture, layers) -> dict[int, str]:
     def block_of(name):
         return next((i for i, prefix in enumerate(blocks) if name.startswith(prefix)), -1)
 
-    params = sorted(model.named_parameters(), key=lambda item: (block_of(item[0]), item[0]))
+    params = sorted(named_parameter_values(model), key=lambda item: (block_of(item[0]), item[0]))
     digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     out, wanted = {}, sorted(layers)
     with torch.no_grad():
@@ -165,7 +166,7 @@ def stats_path(cache_dir, fingerprint, layer, corpus_id, n_texts, max_tokens, to
 def accumulate_second_moments(model, arch: Architecture, tokenizer, layers, texts, max_tokens: int,
                               batch_tokens: int = 4096, progress: bool = True):
     """{layer: (C0 float64 (d_in, d_in), token count)} over all non-pad tokens of ``texts``."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     names = {arch.mlp_out_name(layer): layer for layer in layers}
     modules = {n: get_module(model, n) for n in names}
     stop = arch.mlp_out_name(max(layers))
@@ -191,7 +192,7 @@ def accumulate_second_moments(model, arch: Architecture, tokenizer, layers, text
             run_until(model, True, input_ids=ids, attention_mask=mask)
         keep = mask.bool()
         for name, layer in names.items():
-            k = store[name][keep]
+            k = store[name][keep.to(store[name].device)]
             # one batch's Gram matrix (at most batch_tokens terms per entry) in float32 (a float64
             # model's in float64), the sum over the corpus in float64: the float64 product cost
             # 3x as much on a CPU and was half of this pass (the reference keeps both in float32)

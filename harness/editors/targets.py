@@ -48,6 +48,7 @@ import torch
 from harness.arch import Architecture, get_module
 from harness.editors.hooks import StopForward
 from harness.editors.tokens import right_padded, subject_last_index, target_ids
+from harness.placement import execution_device
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +137,12 @@ class _UpperStack:
         return hidden
 
     def run(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The last upper block's output, on ``hidden``'s device (the blocks may sit on others)."""
         if len(self.groups) == 1 and self.groups[0].rows is None:
-            return self._run_group(self.groups[0], hidden)
+            return self._run_group(self.groups[0], hidden).to(hidden.device)
         width = hidden.shape[1]
-        outs = [torch.nn.functional.pad(self._run_group(g, hidden[g.rows, :g.length]), (0, 0, 0, width - g.length))
+        outs = [torch.nn.functional.pad(self._run_group(g, hidden[g.rows, :g.length]).to(hidden.device),
+                                        (0, 0, 0, width - g.length))
                 for g in self.groups]
         if self.inverse is not None:
             # back to batch order; the columns past a group's length are padding nobody reads
@@ -168,7 +171,7 @@ class _UpperStack:
         self.inverse = None
 
     def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(hidden_rows))
+        return self.head(self.norm(hidden_rows)).to(hidden_rows.device)
 
 
 @torch.no_grad()
@@ -429,7 +432,8 @@ def compute_target_values(model, arch: Architecture, tokenizer, requests, layer:
 
 def _target_values_chunk(model, arch, tokenizer, requests, layer, templates, hp, use_prefix_cache,
                          fast) -> TargetValues:
-    device = next(model.parameters()).device
+    # the optimisation runs where the edit layer computes
+    device = execution_device(get_module(model, arch.layer_name(layer)))
     n_layers = arch.n_layers(model.config)
     loss_layer = n_layers - 1 if hp.v_loss_layer is None else min(int(hp.v_loss_layer), n_layers - 1)
     n_req = len(requests)
