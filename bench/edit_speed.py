@@ -22,11 +22,11 @@ import time
 import torch
 
 from harness.data import load_edit_data
-from harness.driver import proc_status_mb
 from harness.editors import EDITORS, editor_class
 from harness.editors.hparams import load_hparams
 from harness.editors.lyaplock import BASES as LYAPLOCK_BASES
 from harness.loading import load_model
+from harness.runs.environment import proc_status_mb
 
 
 def rss_mb() -> float:

@@ -50,23 +50,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(command: str, rest: list[str]) -> int:
     if command == "run":
-        from harness.driver import main as run_main
+        from harness.runs.driver import main as run_main
 
         return run_main(rest)
     if command == "sweep":
-        from harness.sweep import main as sweep_main
+        from harness.runs.sweep import main as sweep_main
 
         return sweep_main(rest)
     if command == "leaderboard":
-        from harness.leaderboard import main as lb_main
+        from harness.runs.leaderboard import main as lb_main
 
         return lb_main(rest)
     if command == "report":
-        from harness.report import main as report_main
+        from harness.runs.report import main as report_main
 
         return report_main(rest)
     if command == "export":
-        from harness.resultsdir import export_main
+        from harness.runs.resultsdir import export_main
 
         return export_main(rest)
     if command == "paths":

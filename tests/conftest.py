@@ -1,3 +1,10 @@
+"""Shared test set-up.
+
+Fixtures that load a model, compute statistics or run a sweep are session-scoped: under
+``pytest -n`` a worker interleaves the tests of different modules, and a module-scoped fixture
+is built again each time the worker comes back to its module.
+"""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,8 +10,8 @@ import sys
 import pytest
 import yaml
 
-from harness import driver
 from harness.errors import ConfigError, UserError
+from harness.runs import config, driver
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def no_model_load(monkeypatch):
     import harness.models
 
     monkeypatch.setattr(harness.models, "load_model", refuse)
-    monkeypatch.setattr(driver.SequentialRun, "_build_lm", refuse)
+    monkeypatch.setattr(driver.SequentialRun, "load_model", refuse)
 
 
 def run_main(argv, capsys):
@@ -84,9 +84,9 @@ def test_bad_flags_are_one_line_too(flags, message, tmp_path, capsys, no_model_l
 
 
 def test_overrides_for_every_method_reach_each_method_and_per_method_ones_win(tmp_path):
-    args = driver.build_parser().parse_args(["--overrides", "alpha=10,v_lr=0.25", "--methods", "memit,lyaplock"])
+    args = config.build_parser().parse_args(["--overrides", "alpha=10,v_lr=0.25", "--methods", "memit,lyaplock"])
     assert args.overrides == {"*": {"alpha": 10, "v_lr": 0.25}}
-    cfg = driver.RunConfig(methods=["memit", "lyaplock"], output_dir=str(tmp_path),
+    cfg = config.RunConfig(methods=["memit", "lyaplock"], output_dir=str(tmp_path),
                            overrides={"*": {"alpha": 10}, "lyaplock": {"alpha": 3}})
     cfg.validate()
     assert cfg.overrides_for("memit") == {"alpha": 10} and cfg.overrides_for("lyaplock") == {"alpha": 3}
@@ -105,7 +105,7 @@ def test_the_command_line_exits_2_without_a_traceback(tmp_path):
 
 
 def test_every_seqedit_run_flag_has_a_help_line_with_its_default():
-    parser = driver.build_parser()
+    parser = config.build_parser()
     for action in parser._actions:
         if action.dest == "help":
             continue

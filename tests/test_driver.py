@@ -156,7 +156,9 @@ def test_one_run_split_over_two_processes_equals_one_process(tiny_dir, tmp_path)
 
 
 def test_only_selects_from_the_config_and_one_process_per_method(tiny_dir, tmp_path):
-    from harness.driver import RunConfig, SequentialRun, method_lock
+    from harness.runs.config import RunConfig
+    from harness.runs.driver import SequentialRun
+    from harness.runs.storage import method_lock
 
     cfg = RunConfig(model=str(tiny_dir), methods=["memit", "lyaplock"], num_edits=0, eval_every=2,
                     edit_batch_size=2, tasks=["counterfact_edit_scores"], output_dir=str(tmp_path / "run"))
@@ -165,15 +167,43 @@ def test_only_selects_from_the_config_and_one_process_per_method(tiny_dir, tmp_p
     assert SequentialRun(cfg, only=["lyaplock"]).methods == ["lyaplock"]
     assert SequentialRun(cfg).methods == ["memit", "lyaplock"]
     with method_lock(tmp_path / "run" / "memit"):  # another process working on memit
-        with pytest.raises(ConfigError, match="memit is being run by another process"):
+        with pytest.raises(ConfigError, match=f"memit is being run by another process \\(pid {os.getpid()}, "):
             SequentialRun(cfg, only=["memit"], progress=False).run()
     assert not (tmp_path / "run" / "memit" / "checkpoints").exists()
     with method_lock(tmp_path / "run" / "memit"):  # released when the holder is done
         pass
 
 
+def test_a_sibling_run_that_differs_only_after_the_first_edit_lends_its_pre_edited_checkpoint(tiny_dir, tmp_path):
+    """The cells of a sweep over methods or hyper-parameters score the same untouched model on the
+    same records with the same seeds: the pre-edited checkpoint is evaluated once. A sibling whose
+    pre-edited scores would differ (another seed) evaluates its own."""
+    from harness.runs.config import RunConfig
+    from harness.runs.driver import SequentialRun
+
+    base = dict(model=str(tiny_dir), model_name="tiny-llama", methods=["memit"], num_edits=2, edit_batch_size=2,
+                eval_every=2, tasks=["counterfact_edit_scores"], seed=3, cache_dir=str(tmp_path / "cache"),
+                device="cpu", hparams={"memit": "smollm2-135m"}, overrides={"memit": TINY})
+    cells = {"memit": base,
+             "lyaplock": {**base, "methods": ["lyaplock"], "hparams": {"lyaplock": "smollm2-135m"},
+                          "overrides": {"lyaplock": {**TINY, "v_lr": 1.0}}, "eval_at": [2]},
+             "reseeded": {**base, "seed": 4}}
+    for name, fields in cells.items():
+        SequentialRun(RunConfig(**fields, output_dir=str(tmp_path / "sweep" / name)), progress=False).run()
+
+    def pre_edited(name, method):
+        path = tmp_path / "sweep" / name / method / "checkpoints/edits_000000/results.json"
+        return json.loads(path.read_text())
+
+    lent = pre_edited("lyaplock", "lyaplock")
+    assert lent["seqedit"]["pre_edited_from"] == "memit/memit" and lent["seqedit"]["method"] == "lyaplock"
+    assert lent["results"] == pre_edited("memit", "memit")["results"]
+    assert "pre_edited_from" not in pre_edited("reseeded", "memit")["seqedit"]
+
+
 def test_refuses_to_mix_configs(tiny_dir, tmp_path):
-    from harness.driver import RunConfig, SequentialRun
+    from harness.runs.config import RunConfig
+    from harness.runs.driver import SequentialRun
 
     cfg = RunConfig(model=str(tiny_dir), methods=["memit"], num_edits=0, eval_every=2, edit_batch_size=2,
                     tasks=["counterfact_edit_scores"], output_dir=str(tmp_path / "run"))
@@ -197,7 +227,7 @@ def test_refuses_to_mix_configs(tiny_dir, tmp_path):
 
 
 def test_config_validation():
-    from harness.driver import RunConfig
+    from harness.runs.config import RunConfig
 
     with pytest.raises(ValueError, match="multiple of edit_batch_size"):
         RunConfig(eval_every=15, edit_batch_size=10).validate()
@@ -216,10 +246,11 @@ def test_config_validation():
 def test_every_editor_runs_through_the_driver_into_the_leaderboard(tiny_dir, tmp_path):
     """Each editor and LyapLock add-on, by the names a run config uses, edits through the driver
     and gets its own row in the leaderboard."""
-    from harness import leaderboard
-    from harness.driver import RunConfig, SequentialRun
     from harness.editors import EDITORS
     from harness.editors.lyaplock import BASES
+    from harness.runs import leaderboard
+    from harness.runs.config import RunConfig
+    from harness.runs.driver import SequentialRun
 
     methods = [*EDITORS, *(f"lyaplock-{b}" for b in BASES if b != "memit")]
     one_layer = {**TINY, "layers": [1]}
@@ -251,7 +282,7 @@ def test_work_from_an_earlier_process_does_not_count_towards_the_rate():
 
     from tqdm import tqdm
 
-    from harness.driver import count_as_done_before
+    from harness.runs.driver import count_as_done_before
 
     out = io.StringIO()
     bar = tqdm(total=1000, file=out, mininterval=0, miniters=1, smoothing=0)
@@ -273,11 +304,12 @@ def test_checkpoints_score_a_stratified_sample_and_the_last_one_every_record(tin
     seeded share of every tenth of the edits, stratified estimates with their standard errors,
     the retention rows, and every record at the last checkpoint, in chunks that a killed
     evaluation resumes from."""
-    import harness.driver
-    from harness.driver import RunConfig, SequentialRun
-    from harness.sampling import plan_sample, stratified_mean
+    import harness.runs.evaluation
+    from harness.runs.config import RunConfig
+    from harness.runs.driver import SequentialRun
+    from harness.runs.sampling import plan_sample, stratified_mean
 
-    monkeypatch.setattr(harness.driver, "EVAL_CHUNK", 3)
+    monkeypatch.setattr(harness.runs.evaluation, "EVAL_CHUNK", 3)
 
     cfg = RunConfig(model=str(tiny_dir), model_name="tiny-llama", methods=["memit"], num_edits=12,
                     edit_batch_size=2, eval_every=6, tasks=["counterfact_edit"], eval_sample=4,
@@ -321,10 +353,10 @@ def test_checkpoints_score_a_stratified_sample_and_the_last_one_every_record(tin
 
     # killed in the middle of the last evaluation (12 records in chunks of 3: 4 lm-eval calls per
     # subtask), the resumed run keeps the chunks already scored and ends with the same results
-    import harness.driver as driver
+    import harness.runs.evaluation as evaluation
 
     killed = RunConfig(**{**cfg.to_dict(), "output_dir": str(tmp_path / "killed")})
-    real_write, calls = driver.atomic_write_text, []
+    real_write, calls = evaluation.atomic_write_text, []
 
     def crash_on_third_chunk(path, text):
         if path.parent.name == "partial" and "edits_000012" in str(path):
@@ -333,10 +365,10 @@ def test_checkpoints_score_a_stratified_sample_and_the_last_one_every_record(tin
                 raise KeyboardInterrupt("killed")
         real_write(path, text)
 
-    monkeypatch.setattr(driver, "atomic_write_text", crash_on_third_chunk)
+    monkeypatch.setattr(evaluation, "atomic_write_text", crash_on_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         SequentialRun(killed, progress=False).run()
-    monkeypatch.setattr(driver, "atomic_write_text", real_write)
+    monkeypatch.setattr(evaluation, "atomic_write_text", real_write)
     partial = tmp_path / "killed/memit/checkpoints/edits_000012/partial"
     assert sorted(p.name for p in partial.iterdir()) == ["counterfact_edit_scores.0000.json",
                                                          "counterfact_edit_scores.0001.json"]

@@ -32,12 +32,12 @@ FAST = dict(layers=[1, 2], v_num_grad_steps=6, stats_samples=40, stats_max_token
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def requests():
     return load_counterfact(limit=40)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """Statistics of the (seeded, identical) tiny models, shared by the tests of this module."""
     return tmp_path_factory.mktemp("stats")
@@ -628,7 +628,7 @@ def counterfact_efficacy(model, tok, reqs) -> float:
     return wins / len(reqs)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smollm(tmp_path_factory):
     """One SmolLM2 for every editor: its weights, the 10 facts, and the unedited efficacy."""
     from harness.loading import load_model

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import leaderboard
-from harness.resultsdir import (
+from harness.runs import leaderboard
+from harness.runs.resultsdir import (
     Checkpoint,
     GeneralMetric,
     RunDirError,
@@ -612,7 +612,7 @@ def test_a_nan_metric_is_shown_as_a_fault_named_in_the_notes_and_never_ranked(tm
                   if r["Method"] == "memit")
     assert record["CounterFact Eff."] == "nan" and record["CounterFact Eff. best"] == ""
 
-    from harness import report
+    from harness.runs import report
 
     plot = next(p for p in report.build_plots(load_runs([run])) if p.stem.endswith("editing_metrics"))
     ax = next(a for a in plot.figure.axes if a.get_title() == "CounterFact efficacy")
@@ -679,6 +679,23 @@ def test_export_copies_results_without_edit_state_or_working_files(tmp_path, cap
                      "memit/checkpoints/edits_000050/results.json", "memit/trace.jsonl"]
     assert load_runs([dest])[0].methods[0].checkpoints.keys() == {0, 50}
     assert seqedit(["export", str(tmp_path), str(dest)]) == 2  # not a run directory: one line, exit 2
+
+    # a sweep directory: every cell's results and the cells' configs, not its logs
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        cell = write_run(sweep, f"seed-{seed}", SMOLLM, "counterfact", ["memit"], 50, [0, 50])
+        (cell / "memit" / "state").mkdir()
+        (cell / "memit" / "state" / "edit_state.pt").write_bytes(b"x")
+    (sweep / "configs").mkdir()
+    (sweep / "configs" / "seed-0.yaml").write_text("seed: 0\n")
+    (sweep / "logs").mkdir()
+    (sweep / "logs" / "seed-0.log").write_text("...")
+    assert seqedit(["export", str(sweep), str(tmp_path / "committed" / "sweep")]) == 0
+    files = sorted(str(p.relative_to(tmp_path / "committed" / "sweep"))
+                   for p in (tmp_path / "committed" / "sweep").rglob("*") if p.is_file())
+    assert files == ["configs/seed-0.yaml"] + [f"seed-{s}/{f}" for s in (0, 1) for f in (
+        "manifest.json", "memit/checkpoints/edits_000000/results.json",
+        "memit/checkpoints/edits_000050/results.json", "memit/trace.jsonl")]
 
 
 def test_each_edit_glue_subset_shows_its_likelihood_accuracy_beside_the_pooled_metrics():

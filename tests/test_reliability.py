@@ -22,12 +22,12 @@ FAST = dict(layers=[1, 2], v_num_grad_steps=4, stats_samples=30, stats_max_token
             context_templates=[[6, 2]], v_lr=0.5)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def requests():
     return load_counterfact(limit=12)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("stats")
 
@@ -119,7 +119,7 @@ def test_a_run_stops_at_the_bad_batch_and_resumes_from_the_last_good_one(tmp_pat
     """In a sequential run the faulty batch ends the run with one error line and exit status 2;
     the trace, the checkpoints and the edit state are those of the last good batch, and
     --resume (once the fault is gone) continues to the end."""
-    from harness.driver import main
+    from harness.runs.driver import main
 
     d = tmp_path / "model"
     model, tok = tiny_model("llama")
@@ -231,10 +231,10 @@ def _batches(trace_path):
     return [json.loads(line)["batch"] for line in trace_path.read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished_run(tmp_path_factory):
     """One complete 8-edit MEMIT run (checkpoints 0, 4, 8) that each test copies and damages."""
-    from harness.driver import main
+    from harness.runs.driver import main
 
     root = tmp_path_factory.mktemp("state")
     model, tok = tiny_model("llama")
@@ -252,7 +252,7 @@ def finished_run(tmp_path_factory):
 def _copy_and_resume(finished_run, tmp_path, damage, capsys, where="run"):
     import shutil
 
-    from harness.driver import main
+    from harness.runs.driver import main
 
     run = tmp_path / where
     shutil.copytree(finished_run / "run", run)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from test_leaderboard import BATCH, LAYERS, SMOLLM, write_run
 
-from harness import report
-from harness.resultsdir import load_runs
+from harness.runs import report
+from harness.runs.resultsdir import load_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -37,7 +37,7 @@ window.addEventListener("load", () => {
 </script>"""
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("runs")
     return [
@@ -48,7 +48,7 @@ def runs(tmp_path_factory) -> list[Path]:
     ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def written(runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     page, plots = report.write_report(load_runs(runs), out)

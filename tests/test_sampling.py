@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from harness.sampling import edits_after, plan_sample, priorities, retention, stratified_mean
+from harness.runs.sampling import edits_after, plan_sample, priorities, retention, stratified_mean
 
 
 def test_plan_is_seeded_bounded_and_keeps_the_first_batch():

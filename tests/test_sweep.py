@@ -1,13 +1,17 @@
 """seqedit sweep: grid expansion and the local executor on a tiny model."""
 
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
 import yaml
 from test_driver import TINY
 
 from harness.errors import ConfigError
-from harness.sweep import expand, read_sweep
+from harness.runs.sweep import expand, read_sweep
 
 
 def _sweep_file(tmp_path, **fields):
@@ -40,54 +44,129 @@ def test_every_cell_is_validated_before_anything_runs(tmp_path):
         read_sweep(_sweep_file(tmp_path, seed=0, output_dir="x"))
 
 
-def test_local_sweep_runs_every_cell_and_a_rerun_resumes_without_redoing_them_and_submitit_and_ray_agree(tmp_path):
-    from test_driver import tiny_model
+# a 2 x 2 grid on a tiny model: two seeds, two learning rates of the target values
+GRID = dict(seed=[0, 1], grid={"overrides.*.v_lr": [0.5, 1.0]})
+CELLS = [f"seed-{s}_v_lr-{lr}" for s in (0, 1) for lr in (0.5, 1.0)]
+POINTS = (0, 2, 4)
+VICTIM = CELLS[-1]
 
-    from harness.cli import main as seqedit
 
-    model_dir = tmp_path / "tiny"
+def _sweep_fields(root):
+    from harness.testing import tiny_model
+
+    model_dir = root / "tiny-llama"
     model, tok = tiny_model("llama")
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    path = _sweep_file(tmp_path, model=str(model_dir), model_name="tiny-llama", methods=["memit"],
-                       edit_data="counterfact", num_edits=2, edit_batch_size=2, eval_every=2,
-                       tasks=["counterfact_edit_scores"], seed=[0, 1], device="cpu",
-                       cache_dir=str(tmp_path / "cache"), hparams={"memit": "smollm2-135m"},
-                       overrides={"memit": TINY})
-    assert seqedit(["sweep", "--config", str(path), "--jobs", "2"]) == 0
-    results = {}
-    for seed in (0, 1):
-        cell = tmp_path / "sweep" / f"seed-{seed}"
-        manifest = json.loads((cell / "manifest.json").read_text())
-        assert manifest["config"]["seed"] == seed
-        results[seed] = (cell / "memit/checkpoints/edits_000002/results.json").read_text()
-    # run again (as after a kill): finished cells only say so, and nothing is rewritten
-    assert seqedit(["sweep", "--config", str(path)]) == 0
-    assert "complete: all 2 checkpoints on disk" in (tmp_path / "sweep/logs/seed-0.log").read_text()
-    assert all((tmp_path / "sweep" / f"seed-{s}/memit/checkpoints/edits_000002/results.json").read_text()
-               == results[s] for s in (0, 1))
+    return dict(model=str(model_dir), model_name="tiny-llama", methods=["memit"], edit_data="counterfact",
+                num_edits=4, edit_batch_size=2, eval_every=2, tasks=["counterfact_edit_scores"], device="cpu",
+                cache_dir=str(root / "cache"), hparams={"memit": "smollm2-135m"}, overrides={"*": TINY}, **GRID)
 
-    # the Slurm code path, on this machine through submitit's local executor: the same results (to
-    # float round-off: the local executor gave each of its two processes one thread)
-    config = yaml.safe_load(path.read_text())
-    path.write_text(yaml.safe_dump({**config, "sweep_dir": str(tmp_path / "via_submitit")}))
-    assert seqedit(["sweep", "--config", str(path), "--executor", "submitit-local"]) == 0
-    # and through a local Ray instance, one task per cell
+
+def _sweep(root, name, fields):
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"sweep_dir": str(root / name), **fields}))
+    return path
+
+
+def _results(sweep_dir):
+    """Every checkpoint's editing scores, by cell and number of edits."""
+    out = {}
+    for cell in CELLS:
+        for point in POINTS:
+            data = json.loads((sweep_dir / cell / f"memit/checkpoints/edits_{point:06d}/results.json").read_text())
+            out[cell, point] = data["results"]["counterfact_edit_scores"]
+    return out
+
+
+class CellKiller(threading.Thread):
+    """Kills the process running one cell (SIGKILL, as the OOM killer or a lost node would) once it
+    has traced its first batch and before it finishes."""
+
+    def __init__(self, cell_dir):
+        super().__init__(daemon=True)
+        self.cell_dir = cell_dir
+        self.killed_pid = None
+        self.stop = threading.Event()
+
+    def run(self):
+        trace = self.cell_dir / "memit" / "trace.jsonl"
+        while not self.stop.is_set():
+            if trace.exists() and trace.read_text().strip():
+                pid = int((self.cell_dir / "memit" / ".lock").read_text())
+                os.kill(pid, signal.SIGKILL)
+                self.killed_pid = pid
+                return
+            time.sleep(0.02)
+
+
+def _kill_a_cell_and_resume(root, executor, fields):
+    """One cell's process is killed after its first batch: the sweep reports it failed, and a rerun
+    skips the finished cells and resumes that one from its saved state."""
+    from harness.cli import main as seqedit
+
+    path = _sweep(root, executor, fields)
+    args = ["sweep", "--config", str(path), "--executor", executor, "--jobs", "2"]
+    killer = CellKiller(root / executor / VICTIM)
+    killer.start()
+    try:
+        assert seqedit(args) == 1, executor  # the killed cell failed
+        killer.stop.set()
+        killer.join()
+        assert killer.killed_pid is not None, executor
+        victim = root / executor / VICTIM / "memit"
+        assert not (victim / "checkpoints/edits_000004/results.json").exists()
+        assert seqedit(args) == 0, executor
+    finally:
+        killer.stop.set()
+    # the victim started twice, resumed (its trace holds each batch once) and the others once
+    starts = {cell: (root / executor / cell / "memit/setup.jsonl").read_text().count("model_load_seconds")
+              for cell in CELLS}
+    assert starts == {cell: 2 if cell == VICTIM else 1 for cell in CELLS}, executor
+    assert [json.loads(line)["batch"] for line in (victim / "trace.jsonl").read_text().splitlines()] == [0, 1]
+    return _results(root / executor)
+
+
+def test_sweeps_on_every_executor_resume_after_a_cell_is_killed_to_the_uninterrupted_results(tmp_path, capsys):
+    """A 2 x 2 grid: uninterrupted through the local executor, then through the Slurm code path
+    (submitit's local executor) and a local Ray instance, each with one cell killed mid-run and the
+    sweep run again."""
+    from harness.cli import main as seqedit
+
+    fields = _sweep_fields(tmp_path)
+    path = _sweep(tmp_path, "local", fields)
+    assert seqedit(["sweep", "--config", str(path), "--jobs", "2"]) == 0
+    sweep_dir = tmp_path / "local"
+    for cell, (seed, lr) in zip(CELLS, [(s, lr) for s in (0, 1) for lr in (0.5, 1.0)]):
+        config = json.loads((sweep_dir / cell / "manifest.json").read_text())["config"]
+        assert config["seed"] == seed and config["overrides"]["*"]["v_lr"] == lr
+    want = _results(sweep_dir)
+    # the learning rate and the seed each change what the edits do
+    assert want[CELLS[0], 4] != want[CELLS[1], 4] and want[CELLS[0], 4] != want[CELLS[2], 4]
+    logs = {cell: (sweep_dir / "logs" / f"{cell}.log").read_text() for cell in CELLS}
+    capsys.readouterr()
+    # run again (as after a kill): finished cells are not started again, nothing is rewritten
+    assert seqedit(["sweep", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"[sweep] {cell}: complete, skipped" in out for cell in CELLS)
+    assert {cell: (sweep_dir / "logs" / f"{cell}.log").read_text() for cell in CELLS} == logs
+    assert _results(sweep_dir) == want
+
     import ray
 
-    path.write_text(yaml.safe_dump({**config, "sweep_dir": str(tmp_path / "via_ray")}))
+    got = {"submitit-local": _kill_a_cell_and_resume(tmp_path, "submitit-local", fields)}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        assert seqedit(["sweep", "--config", str(path), "--executor", "ray", "--jobs", "2"]) == 0
+        got["ray"] = _kill_a_cell_and_resume(tmp_path, "ray", fields)
     finally:
         ray.shutdown()
-    for via in ("via_submitit", "via_ray"):
-        for seed in (0, 1):
-            got = json.loads((tmp_path / f"{via}/seed-{seed}/memit/checkpoints/edits_000002/results.json").read_text())
-            want = json.loads(results[seed])["results"]["counterfact_edit_scores"]
-            for key, value in got["results"]["counterfact_edit_scores"].items():
-                assert value == (pytest.approx(want[key], rel=1e-4, abs=1e-8) if isinstance(value, float)
-                                 else want[key]), (via, seed, key)
+    # every checkpoint equals the uninterrupted sweep's (to float round-off: these executors give
+    # each cell its own thread count)
+    for executor, results in got.items():
+        for key, table in want.items():
+            for metric, value in table.items():
+                assert results[key][metric] == (pytest.approx(value, rel=1e-4, abs=1e-8)
+                                                if isinstance(value, float) else value), (executor, key, metric)
 
 
 def test_slurm_dry_run_prints_the_sbatch_script_with_the_sweep_parameters(tmp_path, capsys):
@@ -101,6 +180,9 @@ def test_slurm_dry_run_prints_the_sbatch_script_with_the_sweep_parameters(tmp_pa
                  "#SBATCH --job-name=seqedit-sweep"):
         assert line in out
     assert "seed-0: seed=0" in out and not (tmp_path / "sweep").exists()
+    # without --time_min a day, not submitit's five minutes (a long cell would only be requeued)
+    assert seqedit(["sweep", "--config", str(path), "--executor", "slurm", "--dry_run"]) == 0
+    assert "#SBATCH --time=1440" in capsys.readouterr().out
 
 
 def test_committed_sweep_and_run_configs_expand_and_validate(monkeypatch):
@@ -109,7 +191,7 @@ def test_committed_sweep_and_run_configs_expand_and_validate(monkeypatch):
     import os
     from pathlib import Path
 
-    from harness.driver import RunConfig
+    from harness.runs.config import RunConfig
 
     repo = Path(__file__).resolve().parent.parent
     shared = repo.parent / "shared" / "data"

@@ -21,7 +21,7 @@ TASKS_DIR = harness.tasks_dir()
 TRAINING_STEPS = 80
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model_and_tok():
     """A tiny Llama that has memorised two CounterFact edits and two ZsRE answers (one a
     year, whose tokens start with a lone space), so that greedy and success flags vary.
@@ -49,7 +49,7 @@ def model_and_tok():
     return model, tok
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lm(model_and_tok):
     from lm_eval.models.huggingface import HFLM
 
@@ -57,7 +57,7 @@ def lm(model_and_tok):
     return HFLM(pretrained=model, tokenizer=tok, batch_size=8, device="cpu")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tok_dir(model_and_tok, tmp_path_factory):
     path = tmp_path_factory.mktemp("tokenizer")
     model_and_tok[1].save_pretrained(path)

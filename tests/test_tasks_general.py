@@ -21,13 +21,13 @@ GLUE_METRICS = ["f1_generate", "f1_likelihood", "mcc_generate", "acc_generate",
                 "acc_likelihood", "invalid_generate"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def task_manager():
     # our directory only: indexing all of lm-eval's tasks takes far longer
     return TaskManager(include_path=tasks_dir(), include_defaults=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def glue_tasks(task_manager):
     tasks = task_manager.load(["edit_glue"])["tasks"]
     return {name.removeprefix("edit_glue_"): task for name, task in tasks.items()}

@@ -17,7 +17,6 @@ from functools import lru_cache
 from pathlib import Path
 
 from harness.data.edits import EditRequest
-from harness.resultsdir import UNAVAILABLE_NOTE
 from harness.tasks.edit_metrics import (
     ROME_DATA_ENV,
     SCALE,
@@ -34,6 +33,7 @@ from harness.tasks.edit_metrics import (
     rome_data_dir,
     word_tokenizer_name,
 )
+from harness.tasks.notes import UNAVAILABLE_NOTE
 
 log = logging.getLogger(__name__)
 

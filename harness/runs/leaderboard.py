@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.resultsdir import (
+from harness.runs.resultsdir import (
     EDITING_METRIC_BY_KEY,
     EDITING_METRICS,
     GeneralMetric,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import UserError
+from harness.tasks.notes import UNAVAILABLE_NOTE
 
 MANIFEST_FILE = "manifest.json"
 TRACE_FILE = "trace.jsonl"
@@ -30,9 +31,6 @@ RESULTS_FILE = "results.json"
 CHECKPOINT_PATTERN = re.compile(r"^edits_(\d+)$")
 
 STDERR_SUFFIX = "_stderr"
-# an editing task that cannot compute a metric says why in its config metadata, under the
-# metric's name, starting with this
-UNAVAILABLE_NOTE = "unavailable, not reported: "
 DEFAULT_FILTER = "none"
 
 
@@ -221,7 +219,7 @@ class Checkpoint:
         return 1.0 / len(choices) if isinstance(choices, list) and choices else None
 
     def retention(self) -> dict[str, dict[str, dict]]:
-        """The retention rows the driver wrote (``harness.sampling.retention``), by editing
+        """The retention rows the driver wrote (``harness.runs.sampling.retention``), by editing
         dataset name: ``{stratum: {"edits_since", "scored", "efficacy", ...}}``."""
         rows = (self.results.get("seqedit") or {}).get("retention") or {}
         found = {}
@@ -325,14 +323,26 @@ RESULT_FILES = (MANIFEST_FILE, f"*/{TRACE_FILE}", "*/setup.jsonl", f"*/{CHECKPOI
 
 def export_results(source: Path, dest: Path) -> list[Path]:
     """Copy the results of run directory ``source`` into ``dest`` (created or updated), without
-    its edit states or any other working file. Returns the files written."""
-    import shutil
-
+    its edit states or any other working file; for a sweep directory, those of every cell and the
+    cells' configs. Returns the files written."""
     source, dest = Path(source).expanduser(), Path(dest).expanduser()
     if not (source / MANIFEST_FILE).is_file():
-        raise RunDirError(f"{source} is not a run directory (no {MANIFEST_FILE})")
+        cells = sorted(p.parent for p in source.glob(f"*/{MANIFEST_FILE}")) if source.is_dir() else []
+        if not cells:
+            raise RunDirError(f"{source} is neither a run directory nor a sweep directory (no {MANIFEST_FILE} "
+                              "in it or in its subdirectories)")
+        written = _copy_matching(source, dest, ("configs/*.yaml",))
+        for cell in cells:
+            written += export_results(cell, dest / cell.name)
+        return written
+    return _copy_matching(source, dest, RESULT_FILES)
+
+
+def _copy_matching(source: Path, dest: Path, patterns) -> list[Path]:
+    import shutil
+
     written = []
-    for pattern in RESULT_FILES:
+    for pattern in patterns:
         for path in sorted(source.glob(pattern)):
             target = dest / path.relative_to(source)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -349,8 +359,9 @@ def export_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="seqedit export",
         description="Copy a run directory's results (manifest, traces, checkpoints) without its edit states, "
-                    "e.g. from a run outside the checkout into leaderboards/runs/.")
-    parser.add_argument("run", type=Path, metavar="RUN_DIR")
+                    "e.g. from a run outside the checkout into leaderboards/runs/; a sweep directory's "
+                    "for every cell.")
+    parser.add_argument("run", type=Path, metavar="RUN_OR_SWEEP_DIR")
     parser.add_argument("dest", type=Path, metavar="DEST")
     args = parser.parse_args(argv)
     written = export_results(args.run, args.dest)

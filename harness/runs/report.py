@@ -14,7 +14,7 @@
   chance, against the number of edits; every other general-capability metric.
 
 The page embeds the figures by relative path, the leaderboard tables (rendered by
-:mod:`harness.leaderboard`) and a summary of each run's manifest. Figures are drawn on
+:mod:`harness.runs.leaderboard`) and a summary of each run's manifest. Figures are drawn on
 matplotlib's Agg canvas without pyplot, so nothing global is touched.
 """
 
@@ -34,8 +34,8 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from harness import leaderboard
-from harness.resultsdir import (
+from harness.runs import leaderboard
+from harness.runs.resultsdir import (
     EDITING_METRICS,
     GeneralMetric,
     MethodRun,
@@ -45,7 +45,7 @@ from harness.resultsdir import (
     combine_seeds,
     load_runs,
 )
-from harness.sampling import RETENTION_METRICS
+from harness.runs.sampling import RETENTION_METRICS
 
 EDITS_AXIS = "number of edits"
 SECONDS_AXIS = "seconds per batch"

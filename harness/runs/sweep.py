@@ -1,6 +1,6 @@
 """``seqedit sweep``: a grid of sequential runs, one run directory per cell.
 
-A sweep config is a run config (``harness.driver.RunConfig`` fields) plus ``sweep_dir``, where any
+A sweep config is a run config (``harness.runs.config.RunConfig`` fields) plus ``sweep_dir``, where any
 field may hold several values:
 
 * a scalar field given as a list is an axis (``seed: [0, 1, 2]``);
@@ -16,8 +16,9 @@ or timed-out job requeues and resumes), ``submitit-local`` (that code path on th
 Every combination is a cell: its run directory is ``<sweep_dir>/<cell name>``, its config is
 written to ``<sweep_dir>/configs/<cell name>.yaml`` and its log to ``<sweep_dir>/logs/``. Every cell
 is validated before any runs. The local executor runs at most ``--jobs`` cells at a time, each as
-its own ``seqedit run --resume`` process, so a killed sweep resumes: finished cells report
-themselves complete, interrupted ones continue from their last checkpoint.
+its own ``seqedit run --resume`` process, so a killed sweep resumes: a rerun skips the finished
+cells (without starting anything for them) and the interrupted ones continue from their last
+saved batch.
 """
 
 from __future__ import annotations
@@ -42,17 +43,19 @@ LIST_FIELDS = ("methods", "tasks", "eval_at")
 # slurm: submitted through submitit (the optional extra .[slurm]); submitit-local: the same code path
 # on this machine through submitit's local executor (what the tests run, and a dry run for a cluster)
 EXECUTORS = ("local", "slurm", "submitit-local", "ray")
+DEFAULT_TIME_MIN = 24 * 60
 
 
 @dataclass(frozen=True)
 class Cell:
     name: str
     values: dict  # axis path -> this cell's value
-    config: dict  # a complete run config
+    config: dict  # a complete run config, as its file is written
+    run: object  # the same, validated (a RunConfig)
 
 
 def _run_fields() -> set[str]:
-    from harness.driver import RunConfig
+    from harness.runs.config import RunConfig
 
     return {f.name for f in dataclasses.fields(RunConfig)}
 
@@ -109,7 +112,7 @@ def _token(value) -> str:
 
 def expand(sweep_dir: Path, base: dict, axes: list[tuple[str, list]]) -> list[Cell]:
     """Every combination of the axes' values, each a validated run config."""
-    from harness.driver import RunConfig
+    from harness.runs.config import RunConfig
 
     cells = []
     for combo in itertools.product(*(values for _, values in axes)):
@@ -123,11 +126,12 @@ def expand(sweep_dir: Path, base: dict, axes: list[tuple[str, list]]) -> list[Ce
         unknown = set(config) - _run_fields()
         if unknown:
             raise ConfigError(f"cell {name}: unknown run-config field(s) {sorted(unknown)}")
+        run = RunConfig(**copy.deepcopy(config))
         try:
-            RunConfig(**config).validate()
+            run.validate()
         except ConfigError as exc:
             raise ConfigError(f"cell {name}: {exc}") from None
-        cells.append(Cell(name, values, config))
+        cells.append(Cell(name, values, config, run))
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
         raise ConfigError("two cells get the same name: give the axes values that differ as text")
@@ -154,7 +158,7 @@ class CellJob:
         self.config_path = str(config_path)
 
     def __call__(self) -> int:
-        from harness.driver import main as run_main
+        from harness.runs.driver import main as run_main
 
         rc = run_main(["--config", self.config_path, "--resume", "--no_progress"])
         if rc != 0:
@@ -309,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     slurm = p.add_argument_group("slurm (through submitit) and ray")
     slurm.add_argument("--partition", help="Slurm partition (default: the cluster's)")
     slurm.add_argument("--gpus", type=int, help="GPUs per cell, for Slurm and Ray (default: none)")
-    slurm.add_argument("--time_min", type=int, help="time limit per job in minutes; a cell that runs out is "
-                       "requeued and resumes (default: submitit's)")
+    # submitit's own default is 5 minutes: every long cell would spend its life being requeued
+    slurm.add_argument("--time_min", type=int, default=DEFAULT_TIME_MIN,
+                       help="time limit per job in minutes, Slurm and submitit-local; a cell that runs out is "
+                       f"requeued (up to 3 times) and resumes from its last saved batch (default: {DEFAULT_TIME_MIN})")
     slurm.add_argument("--cpus", type=int, help="CPUs per cell, for Slurm and Ray (default: the cluster's; Ray: 1)")
     args = p.parse_args(argv)
     if args.jobs < 1:
@@ -325,12 +331,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.executor == "slurm":
             print(sbatch_preview(sweep_dir, params))
         return 0
-    if args.executor == "local":
-        status = run_local(sweep_dir, cells, args.jobs)
+    from harness.runs.driver import run_is_complete
+
+    # a finished cell is not dispatched again: on a cluster a rerun would otherwise queue a job
+    # per finished cell only to have it report itself complete
+    todo = []
+    for cell in cells:
+        if run_is_complete(cell.run):
+            print(f"[sweep] {cell.name}: complete, skipped")
+        else:
+            todo.append(cell)
+    if not todo:
+        status = {}
+    elif args.executor == "local":
+        status = run_local(sweep_dir, todo, args.jobs)
     elif args.executor == "ray":
-        status = run_ray(sweep_dir, cells, args.jobs, args.cpus, args.gpus)
+        status = run_ray(sweep_dir, todo, args.jobs, args.cpus, args.gpus)
     else:
-        status = run_submitit(sweep_dir, cells, "slurm" if args.executor == "slurm" else "local", params)
+        status = run_submitit(sweep_dir, todo, "slurm" if args.executor == "slurm" else "local", params)
     failed = sorted(name for name, rc in status.items() if rc != 0)
     print(f"[sweep] {len(cells) - len(failed)} of {len(cells)} cells complete"
           + (f"; failed: {', '.join(failed)} (rerun the same command to resume them)" if failed else ""))
