@@ -580,6 +580,17 @@ def test_unfinished_run_lists_what_is_missing(tmp_path):
     assert [r.labels[0] for r in board.tables[0].rows] == ["Pre-edited", "memit"]
 
 
+def test_a_lone_method_is_not_marked_best_and_titles_group_thousands(tmp_path):
+    """A run with one method so far (a long run whose baselines have not started): nothing to rank
+    it against, so no cell is bold, not even where it is far worse than the pre-edited model."""
+    run = write_run(tmp_path, "cf", SMOLLM, "counterfact", ["lyaplock"], 2000, [0, 2000])
+    board = leaderboard.build_leaderboard(load_runs([run]))
+    assert all(not row.best for table in board.tables for row in table.rows)
+    assert board.tables[0].title == "Editing performance after 2,000 edits"
+    table_lines = [line for line in leaderboard.leaderboard_markdown(board).splitlines() if line.startswith("|")]
+    assert table_lines and not any("**" in line for line in table_lines)
+
+
 def test_a_nan_metric_is_shown_as_a_fault_named_in_the_notes_and_never_ranked(tmp_path):
     """json.dump writes a NaN efficacy as ``NaN``: before, it read as "not reported" (or, with an
     older reader, ranked as best); now the cell says NaN, a note names it, nothing ranks it."""

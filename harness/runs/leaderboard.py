@@ -202,7 +202,7 @@ def editing_table(method_runs: list[MethodRun], edits: int, notes: list[str]) ->
     _mark_best(columns, rows)
     return Table(
         name="editing",
-        title=f"Editing performance after {edits} edits",
+        title=f"Editing performance after {edits:,} edits",
         description=(
             "CounterFact and ZsRE metrics x100, mean ± standard error over the edited records (where "
             "a checkpoint scored a sample of them, the stratified estimate), higher is better. Best "
@@ -280,7 +280,7 @@ def general_table(method_runs: list[MethodRun], edits: int, notes: list[str]) ->
     _mark_best(columns, rows)
     return Table(
         name="general",
-        title=f"General capability after {edits} edits",
+        title=f"General capability after {edits:,} edits",
         description=(
             "Each task's lm-eval metrics (± its standard error where lm-eval gives one; each edit_glue "
             "subset's likelihood accuracy besides the pooled metrics); in brackets the relative change "
@@ -359,8 +359,8 @@ def _mark_best(columns: list[Column], rows: list[Row]) -> None:
                 id(r): round(r.values[col.key].mean, col.decimals)
                 for r in candidates if col.key in r.values and r.values[col.key].finite
             }
-            if not shown:
-                continue
+            if not shown or sum(col.key in r.values for r in candidates) < 2:
+                continue  # a lone method is not "best" at anything: nothing to compare it with
             best = max(shown.values()) if col.higher_is_better else min(shown.values())
             for r in candidates:
                 if shown.get(id(r)) == best:
@@ -539,7 +539,7 @@ def sources_html(runs: list[RunDir]) -> str:
 
 
 def leaderboard_title(board: Leaderboard) -> str:
-    return f"Sequential editing leaderboard: {board.edits} edits"
+    return f"Sequential editing leaderboard: {board.edits:,} edits"
 
 
 def leaderboard_markdown(board: Leaderboard) -> str:

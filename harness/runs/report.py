@@ -261,31 +261,34 @@ def editing_figure(model: str, series: list[Series]) -> Plot | None:
 EDITS_SINCE_AXIS = "edits made after the records were edited"
 
 
-def _first_batch_curve(run: MethodRun, metric: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
+def _first_batch_curve(run: MethodRun, metric: str) -> tuple[list[float], list[float], list]:
+    """(edits since, mean, standard error) of the first batch at each checkpoint after it."""
+    xs, ys, errs = [], [], []
     for edits in run.checkpoints:
         row = run.retention_at(edits).get("first_batch") or {}
         if edits and isinstance(row.get(metric), (int, float)):
             xs.append(row["edits_since"])
             ys.append(row[metric])
-    return xs, ys
+            errs.append(row.get(f"{metric}_stderr"))
+    return xs, ys, errs
 
 
-def _profile_at_end(run: MethodRun, metric: str) -> tuple[list[float], list[float]]:
-    """Each tenth of the history at the run's last checkpoint, oldest first."""
+def _profile_at_end(run: MethodRun, metric: str) -> tuple[list[float], list[float], list]:
+    """(edits since, mean, standard error) of each tenth of the history at the run's last
+    checkpoint, oldest first."""
     last = max((e for e in run.checkpoints if e and run.retention_at(e)), default=None)
     if last is None:
-        return [], []
+        return [], [], []
     rows = [r for name, r in run.retention_at(last).items() if name.startswith("tenth_")]
     rows = [r for r in rows if isinstance(r.get(metric), (int, float))]
-    return [r["edits_since"] for r in rows], [r[metric] for r in rows]
+    return [r["edits_since"] for r in rows], [r[metric] for r in rows], [r.get(f"{metric}_stderr") for r in rows]
 
 
 def retention_figure(model: str, series: list[Series]) -> Plot | None:
     panels = []
     for spec in EDITING_METRICS:
         if spec.name in RETENTION_METRICS and any(
-                len(_first_batch_curve(x.run, spec.name)[0]) for x in series if x.run.dataset in (spec.dataset.name, None)):
+                _first_batch_curve(x.run, spec.name)[0] for x in series if x.run.dataset in (spec.dataset.name, None)):
             panels.append(spec)
     if not panels:
         return None
@@ -294,21 +297,23 @@ def retention_figure(model: str, series: list[Series]) -> Plot | None:
         for line in series:
             if line.run.dataset not in (spec.dataset.name, None):
                 continue
-            xs, ys = _first_batch_curve(line.run, spec.name)
+            xs, ys, errs = _first_batch_curve(line.run, spec.name)
             if xs:
-                ax.plot(xs, ys, marker="o", markersize=3, color=line.color, linestyle=line.linestyle,
-                        label=line.label)
-            px, py = _profile_at_end(line.run, spec.name)
+                _plot_with_band(ax, line, xs, ys, errs)
+            px, py, perrs = _profile_at_end(line.run, spec.name)
             if px:
-                ax.plot(px, py, marker="s", markersize=3, color=line.color, linestyle=":", alpha=0.8)
+                known = all(isinstance(e, (int, float)) for e in perrs)
+                ax.errorbar(px, py, yerr=perrs if known else None, marker="s", markersize=3, color=line.color,
+                            linestyle=":", alpha=0.8, capsize=2, elinewidth=0.8)
         ax.set(title=spec.title, xlabel=EDITS_SINCE_AXIS, ylabel=spec.axis_label)
         ax.grid(alpha=0.3)
     _finish(fig, axes)
     return Plot(_stem(model, "retention"), f"Retention: {model}",
                 "How edits hold up as later edits pile on. Solid: the records of the first batch, "
                 "scored at each checkpoint, against the edits made since. Dotted: at the last "
-                "checkpoint, each tenth of the edit history against the edits made after it. A line "
-                "that falls to the right is forgetting.", fig, model)
+                "checkpoint, each tenth of the edit history against the edits made after it (a "
+                "tenth is scored on a few dozen records: mind its error bars). Shading and bars: ± "
+                "one standard error. A line that falls to the right is forgetting.", fig, model)
 
 
 def preservation_figure(model: str, series: list[Series]) -> Plot | None:
