@@ -187,7 +187,8 @@ def test_slurm_dry_run_prints_the_sbatch_script_with_the_sweep_parameters(tmp_pa
 
 def test_committed_sweep_and_run_configs_expand_and_validate(monkeypatch):
     """The configs behind the committed long runs stay runnable: every cell of every sweep under
-    harness/configs/sweeps and every run config under leaderboards/runs passes validation."""
+    harness/configs/sweeps, every run config under leaderboards/runs and every config under bench/
+    passes validation."""
     import os
     from pathlib import Path
 
@@ -209,3 +210,9 @@ def test_committed_sweep_and_run_configs_expand_and_validate(monkeypatch):
     assert len(runs) >= 4
     for path in runs:
         RunConfig.from_sources(str(path), {})
+    # the benchmarks' configs too: runs, or sweeps where they name a sweep_dir
+    for path in sorted((repo / "bench").glob("*.yaml")):
+        if "sweep_dir" in yaml.safe_load(path.read_text()):
+            assert expand(*read_sweep(path)), path
+        else:
+            RunConfig.from_sources(str(path), {})
