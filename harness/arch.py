@@ -28,6 +28,7 @@ class Architecture:
     final_norm: str
     lm_head: str
     num_layers: str
+    mlp_out_norm: str | None = None  # a norm between the MLP output and the residual stream
 
     def layer_name(self, i: int) -> str:
         return self.layer.format(i)
@@ -37,6 +38,9 @@ class Architecture:
 
     def mlp_out_name(self, i: int) -> str:
         return self.mlp_out.format(i)
+
+    def mlp_out_norm_name(self, i: int) -> str | None:
+        return self.mlp_out_norm.format(i) if self.mlp_out_norm else None
 
     def n_layers(self, config) -> int:
         return int(getattr(config, self.num_layers))

@@ -1,7 +1,8 @@
 """Tiny random models for fast tests, with the embedded SmolLM2 tokenizer.
 
-They have real architectures (Llama, GPT-2 with Conv1D weights, GPT-J) but a few thousand hidden
-units, so an edit or an evaluation takes well under a second. Weights are random and seeded.
+They have real architectures (Llama, GPT-2 with Conv1D weights, GPT-J, Gemma 3 with its norm after
+the MLP) but a few thousand hidden units, so an edit or an evaluation takes well under a second.
+Weights are random and seeded.
 """
 
 from __future__ import annotations
@@ -39,7 +40,17 @@ def tiny_config(arch: str, vocab_size: int, token_ids: dict | None = None, **ove
             vocab_size=vocab_size, n_embd=s["hidden"], n_inner=s["ffn"], n_layer=s["layers"],
             n_head=s["heads"], n_positions=s["positions"], rotary_dim=s["hidden"] // s["heads"], **ids,
         )
-    raise ValueError(f"tiny models exist for 'llama', 'gpt2', 'gptj', not {arch!r}")
+    if arch == "gemma3":  # RMSNorm after the MLP, sliding-window attention on some layers
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(
+            vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["ffn"],
+            num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
+            head_dim=s["hidden"] // s["heads"], max_position_embeddings=s["positions"], sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"] * (s["layers"] // 2) + ["full_attention"] * (s["layers"] % 2),
+            **ids,
+        )
+    raise ValueError(f"tiny models exist for 'llama', 'gpt2', 'gptj', 'gemma3', not {arch!r}")
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
@@ -53,5 +64,13 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     }, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if arch == "gemma3":
+        # trained Gemma's norm after the MLP has gains from 0 to tens by unit; initialised ones are
+        # all 1 (weight 0), which would hide what the editors must handle
+        with torch.no_grad():
+            for block in model.model.layers:
+                gain = torch.randn(config.hidden_size).abs() * 4
+                gain[torch.randperm(config.hidden_size)[: config.hidden_size // 16]] = 0.0
+                block.post_feedforward_layernorm.weight.copy_(gain - 1.0)
     model.eval()
     return model, tok

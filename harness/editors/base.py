@@ -20,10 +20,11 @@ from collections import defaultdict
 
 import torch
 
-from harness.arch import architecture_for, edit_module, edit_weight, weight_as_out_in
+from harness.arch import architecture_for, edit_module, edit_weight, get_module, weight_as_out_in
 from harness.editors.context import generate_context_templates
 from harness.editors.guard import check_target_values, checked_weight
 from harness.editors.keys import StagedForward, average_keys, bare_prompts, templated_prompts
+from harness.editors.output_norm import norm_gain, stream_change_as_output_change
 from harness.editors.solvers import preservation_loss
 from harness.editors.stats import load_or_compute_second_moments
 from harness.editors.targets import compute_target_values
@@ -75,6 +76,15 @@ class Editor:
     def set_weight(self, layer: int, W_new: torch.Tensor) -> None:
         """Write the (d_out, d_in) ``W_new`` as ``layer``'s edited weight, where the model reads it."""
         write_parameter(edit_module(self.model, self.arch, layer), "weight", W_new.T if self.arch.transposed else W_new)
+
+    def through_output_norm(self, layer: int, change: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """The (d, n) residual-stream ``change`` as a change of the edited projection's output, for
+        an architecture that normalises that output before the residual add (outputs: (n, d), the
+        projection's current output at the same positions)."""
+        norm = get_module(self.model, self.arch.mlp_out_norm_name(layer))
+        device = self.layer_devices[layer]
+        gain = norm_gain(norm, change.shape[0], execution_device(norm), outputs.dtype)
+        return stream_change_as_output_change(change, outputs.to(device), gain.to(device))
 
     def edited_weights(self) -> dict[str, torch.Tensor]:
         """The edited weights by parameter name, in their stored orientation."""
@@ -141,6 +151,8 @@ class Editor:
                              len(self.templates)).to(device)
             current = bare_pass.read("hidden", last, resume_from=layer)
             R = ((tv.z_star.to(current.device) - current) / (len(self.layers) - i)).T.to(device)
+            if self.arch.mlp_out_norm:
+                R = self.through_output_norm(layer, R, bare_pass.read("value", layer, resume_from=layer))
             phases["keys"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             W = self.weight(layer).detach().clone()

@@ -108,10 +108,12 @@ class StagedForward:
         """(n_texts, d) at the subject positions: ``where`` as in :func:`read_at_subject`."""
         if where == "key":
             name, kind = self.arch.mlp_out_name(layer), "input"
+        elif where == "value":  # the edited projection's output
+            name, kind = self.arch.mlp_out_name(layer), "output"
         elif where == "hidden":
             name, kind = self.arch.layer_name(layer), "output"
         else:
-            raise ValueError(f"where={where!r}: expected 'key' or 'hidden'")
+            raise ValueError(f"where={where!r}: expected 'key', 'value' or 'hidden'")
         if resume_from > layer:
             raise ValueError(f"resume_from ({resume_from}) above the layer read ({layer})")
         module = get_module(self.model, name)

@@ -78,7 +78,10 @@ class ROMEEditor(Editor):
             check_target_values(self, tv.z_star, tv.loss)
             phases["targets"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            v_star = m_init + (tv.z_star - tv.z_init)[0]
+            change = (tv.z_star - tv.z_init)[0]
+            if self.arch.mlp_out_norm:
+                change = self.through_output_norm(layer, change[:, None], m_init[None, :])[:, 0]
+            v_star = m_init + change
             W = self.weight(layer).detach()
             delta = rome_update(W, self.C0.get(layer), k_star, k_clean, v_star, w_k_clean=m_init)
             self.set_weight(layer, checked_weight(self, layer, W, delta, f"rank-one update of case {req.case_id}"))
