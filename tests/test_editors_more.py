@@ -598,7 +598,8 @@ def test_state_round_trip_continues_identically(method, over, requests, cache_di
 # 100 statistics texts instead of 1000, 12 target steps instead of 25 (efficacy still 10/10)
 SMOLLM_CHEAP = dict(stats_samples=100, v_num_grad_steps=12)
 SMOLLM_EDITORS = [
-    # ROME edits the 10 facts one after the other: 5 templates and 15 steps instead of 21 and 25
+    # ROME edits its facts one after the other, 5 templates instead of 21, and only the first 5
+    # facts: alone it took a sixth of the suite's time with all 10
     ("rome", dict(context_templates=[[5, 2], [10, 2]])),
     ("ft", {}),
     ("prune", {}),
@@ -664,8 +665,9 @@ def test_smollm_editors_learn_ten_counterfact_edits(method, over, smollm, monkey
     monkeypatch.setattr(base, "compute_target_values", shared_targets)
     hp = load_hparams(method, "smollm2-135m", overrides={**SMOLLM_CHEAP, **over})
     ed = editor_class(method)(model, tok, hp, cache_dir=smollm["cache_dir"], progress=False)
-    rec = ed.apply_batch(smollm["requests"])
-    after = counterfact_efficacy(model, tok, smollm["requests"])
+    facts = smollm["requests"][:5] if method == "rome" else smollm["requests"]
+    rec = ed.apply_batch(facts)
+    after = counterfact_efficacy(model, tok, facts)
     assert smollm["before"] <= 0.3
     assert after >= 0.8, f"{ed.name}: efficacy {after:.0%} after editing (unedited {smollm['before']:.0%})"
     assert all(entry["preservation_loss"] > 0 for entry in rec["layers"].values())

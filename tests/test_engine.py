@@ -303,10 +303,12 @@ def test_lyaplock_wrapper_on_smollm2_learns_twenty_counterfact_edits():
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    from harness import tasks_dir
     from harness.models import LyapLockLM
 
     lm = LyapLockLM(num_edits=0, progress=False)
-    manager = TaskManager()
+    # our tasks only: indexing lm-eval's whole catalogue took tens of seconds of this test
+    manager = TaskManager(include_path=tasks_dir(), include_defaults=False)
 
     def efficacy(limit=None):
         out = lm_eval.simple_evaluate(model=lm, tasks=["counterfact_edit_scores"], limit=limit,
