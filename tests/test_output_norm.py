@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from test_engine import FAST
 
 from harness.data import load_counterfact
 from harness.editors import editor_class
@@ -11,9 +12,6 @@ from harness.editors.hparams import load_hparams
 from harness.editors.keys import bare_prompts, read_at_subject
 from harness.editors.output_norm import norm_gain, stream_change_as_output_change
 from harness.testing import tiny_model
-
-FAST = dict(layers=[1, 2], v_num_grad_steps=6, stats_samples=40, stats_max_tokens=64,
-            context_templates=[[6, 2]], v_lr=0.5)
 
 
 def test_the_output_change_gives_the_stream_change_through_the_norm():

@@ -7,13 +7,12 @@ those made on the same model held in memory."""
 
 import pytest
 import torch
+from test_driver import TINY as FAST
 
 from harness.editors import editor_class
 from harness.editors.hparams import load_hparams
 from harness.testing import tiny_model
 
-FAST = dict(layers=[1, 2], v_num_grad_steps=4, stats_samples=30, stats_max_tokens=48,
-            context_templates=[[6, 2]], v_lr=0.5)
 # blocks 1 and 2 hold the edited layers: offloaded, with block 3 (run by the target optimisation)
 DEVICE_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
               "model.layers.2": "disk", "model.layers.3": "disk", "model.norm": "cpu",

@@ -28,7 +28,7 @@ from harness.editors.output_norm import norm_gain, stream_change_as_output_chang
 from harness.editors.solvers import preservation_loss
 from harness.editors.stats import load_or_compute_second_moments
 from harness.editors.targets import compute_target_values
-from harness.placement import execution_device, input_device, write_parameter
+from harness.placement import execution_device, input_device, read_parameter, write_parameter
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,9 @@ class Editor:
         gain = norm_gain(norm, change.shape[0], execution_device(norm), outputs.dtype)
         return stream_change_as_output_change(change, outputs.to(device), gain.to(device))
 
-    def edited_weights(self) -> dict[str, torch.Tensor]:
-        """The edited weights by parameter name, in their stored orientation."""
-        return {self.arch.mlp_out_name(layer) + ".weight": edit_weight(self.model, self.arch, layer)
+    def edited_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules whose weights are edited, by the weight's parameter name."""
+        return {self.arch.mlp_out_name(layer) + ".weight": edit_module(self.model, self.arch, layer)
                 for layer in self.layers}
 
     # ------------------------------------------------------------------ setup
@@ -247,7 +247,7 @@ class Editor:
             "batches_done": self.batches_done,
             "edits_done": self.edits_done,
             "templates": self.templates,
-            "weights": {n: p.detach().cpu().clone() for n, p in self.edited_weights().items()},
+            "weights": {n: read_parameter(m).detach().cpu().clone() for n, m in self.edited_modules().items()},
             "editor": self.extra_state(),
         }
 
@@ -257,8 +257,7 @@ class Editor:
             raise ValueError(f"state was saved by {state['method']!r}, this editor is {self.name!r}")
         self.templates = state["templates"]
         self.prepare()  # statistics and W0 from the still unedited weights
-        modules = {self.arch.mlp_out_name(layer) + ".weight": edit_module(self.model, self.arch, layer)
-                   for layer in self.layers}
+        modules = self.edited_modules()
         for n, value in state["weights"].items():
             write_parameter(modules[n], "weight", value)
         self.batches_done = state["batches_done"]
