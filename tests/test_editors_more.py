@@ -487,8 +487,11 @@ def test_alphaedit_trace_reports_the_null_space_dimension_per_layer(threshold, r
     ed = make_editor("alphaedit", cache_dir)
     ed.prepare()
     if threshold == "median":
+        # halfway between the two middle eigenvalues: a threshold equal to an eigenvalue counts
+        # that dimension on either side, by rounding
         eig = torch.linalg.eigvalsh(ed.C0[1].to(F64))
-        threshold = float(eig.median())
+        mid = eig.numel() // 2
+        threshold = float(eig[mid - 1] + eig[mid]) / 2
         ed = make_editor("alphaedit", cache_dir, nullspace_threshold=threshold)
     rec = ed.apply_batch(requests[:2])
     for layer in ed.layers:
