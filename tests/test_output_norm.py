@@ -10,7 +10,7 @@ from harness.data import load_counterfact
 from harness.editors import editor_class
 from harness.editors.hparams import load_hparams
 from harness.editors.keys import bare_prompts, read_at_subject
-from harness.editors.output_norm import norm_gain, stream_change_as_output_change
+from harness.editors.output_norm import GAIN_FLOOR, norm_gain, stream_change_as_output_change
 from harness.testing import tiny_model
 
 
@@ -24,15 +24,25 @@ def test_the_output_change_gives_the_stream_change_through_the_norm():
     with torch.no_grad():
         norm.weight.copy_(torch.randn(d).abs() * 5 - 1)
         norm.weight[:4] = -1.0  # gain 0: those units cannot move
+        norm.weight[4:6] = -1.0 + 1e-3  # gain 1e-3, as units of Gemma-3-270M's layer 4: left alone
     gain = norm_gain(norm, d, "cpu")
     assert torch.allclose(gain, 1 + norm.weight.detach(), atol=1e-5)
+    weak = gain.abs() <= GAIN_FLOOR * gain.abs().median()
+    assert weak[:6].all() and int(weak.sum()) < 10
     norm = norm.double()
     outputs = torch.randn(n, d, dtype=torch.float64) * 30
-    # a reachable stream change: zero on the dead units, nothing along the current output
+    # whatever the stream change, the output change stays within rms(o) / (floor * median gain)
+    # of it: the weak units would have asked for 1 / 1e-3 times it
+    anything = torch.randn(d, n, dtype=torch.float64)
+    asked = stream_change_as_output_change(anything, outputs, gain)
+    rms = outputs.pow(2).mean(1).sqrt()
+    bound = rms * anything.norm(dim=0) / (GAIN_FLOOR * float(gain.abs().median()))
+    assert asked.isfinite().all() and (asked.norm(dim=0) <= bound).all()
+    # a reachable stream change: zero on the weak units, nothing along the current output
     live = outputs.T.clone()
-    live[:4] = 0.0
+    live[weak] = 0.0
     v = torch.randn(d, n, dtype=torch.float64)
-    v[:4] = 0.0
+    v[weak] = 0.0
     v -= live * (live * v).sum(0) / (live * live).sum(0)
 
     def moved(delta):
