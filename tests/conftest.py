@@ -12,6 +12,24 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _share_the_cores_between_workers() -> None:
+    """Under ``pytest -n N`` each worker's torch would start one thread per core, so N workers on
+    N cores run N*N spinning threads, and a worker whose partner is busy loses most of its time.
+    Each worker takes its share of the cores; processes the tests start (lm_eval, sweep cells)
+    inherit it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2:
+        return
+    share = str(max(1, (os.cpu_count() or 1) // workers))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, share)
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_share_the_cores_between_workers()
+
 import pytest  # noqa: E402
 
 
