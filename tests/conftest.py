@@ -14,9 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _share_the_cores_between_workers() -> None:
     """Under ``pytest -n N`` each worker's torch would start one thread per core, so N workers on
-    N cores run N*N spinning threads, and a worker whose partner is busy loses most of its time.
-    Each worker takes its share of the cores; processes the tests start (lm_eval, sweep cells)
-    inherit it."""
+    N cores run N*N spinning threads, and a worker whose partner is busy loses most of its time:
+    on the 2-core development machine the suite took 26.5 min so, and 13.9 min with one thread a
+    worker, from fresh caches both times. Each worker takes its share of the cores; processes the
+    tests start (lm_eval, sweep cells) inherit it."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers < 2:
         return
