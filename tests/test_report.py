@@ -202,6 +202,20 @@ def test_twelve_methods_get_twelve_colours(tmp_path):
                                               "lyaplock-rect"]
 
 
+def test_runs_of_one_method_on_one_dataset_are_named_by_their_run_directory(tmp_path):
+    """A sweep over LyapLock's alpha: three runs of one method on the same edit data are told
+    apart by their cells' names; with other edit data beside them the data comes first."""
+    cells = [write_run(tmp_path / "alpha", f"alpha-{a}", SMOLLM, "counterfact", ["lyaplock"], 2 * BATCH,
+                       [0, 2 * BATCH]) for a in (2, 4, 8)]
+    labels = [s.label for s in report.build_series(load_runs(cells))]
+    assert labels == ["lyaplock (alpha-2)", "lyaplock (alpha-4)", "lyaplock (alpha-8)"]
+    other = write_run(tmp_path, "zsre_run", SMOLLM, "zsre", ["lyaplock"], 2 * BATCH, [0, 2 * BATCH])
+    labels = sorted(s.label for s in report.build_series(load_runs([*cells, other])))
+    assert labels == ["lyaplock (counterfact, alpha-2)", "lyaplock (counterfact, alpha-4)",
+                      "lyaplock (counterfact, alpha-8)", "lyaplock (zsre)"]
+    assert {report._split_label(label)[0] for label in labels} == {"lyaplock"}
+
+
 def test_queue_caption_says_when_q_rose_and_how_close_the_loss_came(written, tmp_path):
     _, page, plots = written
     # the fixture's LyapLock loss is scale*(batch+1)^2 against 60*scale, capped at 1.3x: the

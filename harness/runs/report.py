@@ -123,9 +123,12 @@ def build_series(runs: list[RunDir]) -> list[Series]:
         same_method = [o for o in method_runs if o.model == m.model and o.method == m.method]
         label = m.method
         if len(same_method) > 1:
-            label += f" ({m.edit_data})"
+            # the edit data where it differs, and the run directory (a sweep cell's name, such as
+            # alpha-2) where runs on the same data differ in something else
+            tags = [m.edit_data] if len({o.edit_data for o in same_method}) > 1 else []
             if sum(o.edit_data == m.edit_data for o in same_method) > 1:
-                label += f" [{m.run_path.name}]"
+                tags.append(m.run_path.name)
+            label += f" ({', '.join(tags)})"
         style = RUN_LINESTYLES[same_method.index(m) % len(RUN_LINESTYLES)]
         series.append(Series(m, label, colors[m.method], style))
     return series
