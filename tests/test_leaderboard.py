@@ -323,17 +323,25 @@ def test_no_common_checkpoint_names_the_fix(tmp_path):
         leaderboard.build_leaderboard(load_runs([a, b]))
 
 
-def test_conflicting_runs_first_given_wins_with_a_note(tmp_path):
-    first = write_run(tmp_path, "first", SMOLLM, "counterfact", ["memit"], 50, [0, 50])
-    second = write_run(tmp_path, "second", SMOLLM, "counterfact", ["memit"], 50, [0, 50])
+def test_runs_of_one_method_on_the_same_data_are_rows_named_by_their_directory(tmp_path):
+    """The cells of a sweep over a setting (LyapLock's alpha, say) each keep their row; a run of
+    the same method on other edit data still fills the row of its method."""
+    first = write_run(tmp_path / "sweep", "alpha-2", SMOLLM, "counterfact", ["memit"], 50, [0, 50])
+    second = write_run(tmp_path / "sweep", "alpha-4", SMOLLM, "counterfact", ["memit"], 50, [0, 50])
+    zsre = write_run(tmp_path, "zsre_run", SMOLLM, "zsre", ["memit"], 50, [0, 50])
     path = second / "memit" / "checkpoints" / "edits_000050" / "results.json"
     data = json.loads(path.read_text())
     data["results"]["counterfact_edit_scores"]["efficacy,none"] = 12.0
     path.write_text(json.dumps(data))
-    board = leaderboard.build_leaderboard(load_runs([first, second]))
+    board = leaderboard.build_leaderboard(load_runs([first, second, zsre]))
     table = board.tables[0]
-    assert texts(table, row_of(table, "memit", SMOLLM))["CounterFact Eff."] == "90.00 ± 1.50"
-    assert any("first, second report the same metrics; showing first" in n for n in board.notes)
+    assert texts(table, row_of(table, "memit (alpha-2)", SMOLLM))["CounterFact Eff."] == "90.00 ± 1.50"
+    assert texts(table, row_of(table, "memit (alpha-4)", SMOLLM))["CounterFact Eff."].startswith("12.00")
+    assert texts(table, row_of(table, "memit", SMOLLM))["CounterFact Eff."] == leaderboard.MISSING
+    assert texts(table, row_of(table, "memit", SMOLLM))["ZsRE Eff."] != leaderboard.MISSING
+    assert not any("report the same metrics" in n for n in board.notes)
+    general = board.tables[-1]
+    assert {r.labels[0] for r in general.rows if not r.reference} == {"memit (alpha-2)", "memit (alpha-4)", "memit"}
 
 
 # ---------------------------------------------------------------------------- general capability

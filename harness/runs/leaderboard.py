@@ -193,8 +193,9 @@ def editing_table(method_runs: list[MethodRun], edits: int, notes: list[str]) ->
         of_model = [m for m in method_runs if m.model == model]
         pre = _merge(of_model, 0, MethodRun.editing_at)
         rows.append(Row(model, (PRE_EDITED, model), 0, reference=True, values=pre.values))
-        for method in _unique(m.method for m in of_model):
-            merged = _merge([m for m in of_model if m.method == method], edits,
+        names = row_names(of_model)
+        for method in _unique(names.values()):
+            merged = _merge([m for m in of_model if names[id(m)] == method], edits,
                             MethodRun.editing_at)
             notes.extend(merged.conflict_notes(f"{method} on {model}"))
             rows.append(Row(model, (method, model), edits, values=merged.values))
@@ -227,10 +228,11 @@ def trajectory_table(method_runs: list[MethodRun], points: list[int]) -> Table:
     rows = []
     for model in _unique(m.model for m in method_runs):
         of_model = [m for m in method_runs if m.model == model]
-        for method in _unique(m.method for m in of_model):
+        names = row_names(of_model)
+        for method in _unique(names.values()):
             values = {}
             for p in points:
-                merged = _merge([m for m in of_model if m.method == method], p, MethodRun.editing_at)
+                merged = _merge([m for m in of_model if names[id(m)] == method], p, MethodRun.editing_at)
                 values.update({(p, key): v for key, v in merged.values.items()})
             rows.append(Row(model, (method, model), max(points), values=values))
     columns, rows = _without_empty(columns, rows)
@@ -256,8 +258,9 @@ def general_table(method_runs: list[MethodRun], edits: int, notes: list[str]) ->
         of_model = [m for m in method_runs if m.model == model]
         pre = _merge(of_model, 0, MethodRun.general_at)
         rows.append(Row(model, (PRE_EDITED, model, MISSING), 0, reference=True, values=pre.values))
-        for method, edit_data in _unique((m.method, m.edit_data) for m in of_model):
-            sources = [m for m in of_model if (m.method, m.edit_data) == (method, edit_data)]
+        names = row_names(of_model)
+        for method, edit_data in _unique((names[id(m)], m.edit_data) for m in of_model):
+            sources = [m for m in of_model if (names[id(m)], m.edit_data) == (method, edit_data)]
             merged = _merge(sources, edits, MethodRun.general_at)
             notes.extend(merged.conflict_notes(f"{method} on {model} edited with {edit_data}"))
             rows.append(Row(model, (method, model, edit_data or MISSING), edits, values=merged.values))
@@ -365,6 +368,18 @@ def _mark_best(columns: list[Column], rows: list[Row]) -> None:
             for r in candidates:
                 if shown.get(id(r)) == best:
                     r.best.add(col.key)
+
+
+def row_names(method_runs: list[MethodRun]) -> dict[int, str]:
+    """The row of each run (by ``id``): its method, so that one method's runs on different edit
+    data fill one row; where runs of a method share their edit data (the cells of a sweep over a
+    setting, such as LyapLock's alpha), each is its own row, named by its run directory."""
+    names = {}
+    for m in method_runs:
+        shared = sum(o.method == m.method and o.model == m.model and o.edit_data == m.edit_data
+                     for o in method_runs)
+        names[id(m)] = f"{m.method} ({m.run_path.name})" if shared > 1 else m.method
+    return names
 
 
 def _unique(items: Iterable) -> list:
