@@ -298,6 +298,26 @@ def test_work_from_an_earlier_process_does_not_count_towards_the_rate():
     bar.close()
 
 
+def test_the_forecast_scales_a_sampled_task_s_seconds_to_the_last_checkpoint_s_records():
+    """The last checkpoint scores every edited record: its forecast multiplies each sampled task's
+    seconds by the records it will score over the records the sample scored; tasks that are not
+    sampled (edit_glue, perplexity) cost what they cost."""
+    from harness.runs.evaluation import checkpoint_seconds
+
+    results = {"seqedit": {
+        "evaluation_seconds": {"counterfact_edit_scores": 50.0, "counterfact_edit_generation": 100.0,
+                               "edit_glue": 200.0, "wikitext_edit": 30.0},
+        "evaluation_sample": {"counterfact_edit_scores": {"case_ids": list(range(500))},
+                              "counterfact_edit_generation": {"case_ids": list(range(100))}}}}
+    took, every = checkpoint_seconds(results, 10_000)
+    assert took == 380.0
+    assert every == 50.0 * 20 + 100.0 * 100 + 200.0 + 30.0
+    # a checkpoint that already scored every record predicts itself
+    assert checkpoint_seconds(results, 100)[1] == 50.0 / 5 + 100.0 + 230.0
+    # results without a sample (lm-eval's own tasks only) cost the same at any length
+    assert checkpoint_seconds({"seqedit": {"evaluation_seconds": {"edit_glue": 7.0}}}, 10_000) == (7.0, 7.0)
+
+
 def test_checkpoints_score_a_stratified_sample_and_the_last_one_every_record(tiny_dir, tmp_path, capsys,
                                                                               monkeypatch):
     """eval_sample / fluency_sample bound what a checkpoint scores: the first batch always, a
@@ -319,7 +339,8 @@ def test_checkpoints_score_a_stratified_sample_and_the_last_one_every_record(tin
     SequentialRun(cfg, progress=False).run()
     # after its first batch the run says how long the rest will take, checkpoints included
     assert re.search(r"\[memit\] forecast: 10 edits left at [0-9.]+ s/edit = [0-9.]+ h of editing; "
-                     r"2 checkpoints at about \d+ min", capsys.readouterr().out)
+                     r"2 checkpoints at about \d+ min, the last \(every one of 12 edited records\) about \d+ min = "
+                     r"[0-9.]+ h of evaluation", capsys.readouterr().out)
 
     def checkpoint(point):
         d = tmp_path / "run" / "memit" / "checkpoints" / f"edits_{point:06d}"

@@ -39,7 +39,7 @@ from pathlib import Path
 from harness.errors import ConfigError, UserError
 from harness.runs.config import RunConfig, build_parser
 from harness.runs.environment import git_commit, hardware, memory_mb, versions
-from harness.runs.evaluation import evaluate, summarize, task_manager_for
+from harness.runs.evaluation import checkpoint_seconds, evaluate, summarize, task_manager_for
 from harness.runs.storage import (
     atomic_write_text,
     checkpoint_problem,
@@ -371,21 +371,26 @@ class SequentialRun:
             path = self._checkpoint_path(method, p)
             if path.exists():
                 with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-                    measured[p] = sum(json.loads(path.read_text())["seqedit"]["evaluation_seconds"].values())
+                    measured[p] = checkpoint_seconds(json.loads(path.read_text()), cfg.num_edits)
         # checkpoints after editing began if there are any, else the pre-edited one (a sample of the
         # same size)
         after = [x for p, x in measured.items() if p] or list(measured.values())
-        per_checkpoint = sum(after) / len(after) if after else None
         points_left = sum(1 for p in cfg.checkpoints() if p >= first_batch["edits_done"]
                           and not self._checkpoint_path(method, p).exists()) + len(cfg.checkpoints()) * len(later)
+        finals_left = int(not self._checkpoint_path(method, cfg.num_edits).exists()) + len(later)
         editing_h = edits_left * rate / 3600
         text = f"forecast: {edits_left:,} edits left at {rate:.2f} s/edit = {editing_h:.1f} h of editing"
         total_h = editing_h
-        if per_checkpoint is not None:
-            eval_h = points_left * per_checkpoint / 3600
+        if after:
+            per_checkpoint = sum(x for x, _ in after) / len(after)
+            final = sum(f for _, f in after) / len(after)
+            eval_h = ((points_left - finals_left) * per_checkpoint + finals_left * final) / 3600
             total_h += eval_h
-            text += (f"; {points_left} checkpoints at about {per_checkpoint / 60:.0f} min = {eval_h:.1f} h of "
-                     "evaluation (the last one scores every edited record: longer)")
+            text += f"; {points_left} checkpoints at about {per_checkpoint / 60:.0f} min"
+            if finals_left:
+                text += (f", the last{' of each method' if later else ''} (every one of {cfg.num_edits:,} "
+                         f"edited records) about {final / 60:.0f} min")
+            text += f" = {eval_h:.1f} h of evaluation"
         finish = time.strftime("%Y-%m-%d %H:%M", time.localtime(time.time() + total_h * 3600))
         return text + f"; done about {finish} if nothing else runs"
 

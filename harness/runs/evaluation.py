@@ -177,6 +177,20 @@ def _merge_results(into: dict, res: dict) -> None:
             into[key] = value
 
 
+def checkpoint_seconds(results: dict, n_records: int) -> tuple[float, float]:
+    """(seconds a checkpoint's evaluation took, what a checkpoint scoring every one of ``n_records``
+    records would take): a sampled task's seconds scale with the records it scored, the other
+    tasks' stay."""
+    meta = results["seqedit"]
+    sample = meta.get("evaluation_sample") or {}
+    took = every = 0.0
+    for task, seconds in meta["evaluation_seconds"].items():
+        scored = len(sample.get(task, {}).get("case_ids") or ())
+        took += seconds
+        every += seconds * n_records / scored if scored else seconds
+    return took, every
+
+
 def summarize(results: dict) -> str:
     parts = []
     for task, metrics in sorted(results.get("results", {}).items()):
