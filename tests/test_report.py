@@ -155,6 +155,22 @@ def test_preservation_loss_per_layer_with_dashed_thresholds_and_log_axis(written
     assert {a.get_yscale() for a in visible_axes(alone)} == {"linear"}
 
 
+def test_a_run_one_batch_long_is_drawn_as_a_point(tmp_path):
+    """A sweep cell that has just started has one batch in its trace: its loss, its threshold and
+    its queue are drawn as markers (a line through one point draws nothing); longer runs as lines."""
+    started = write_run(tmp_path, "alpha-4", SMOLLM, "counterfact", ["lyaplock"], BATCH, [0, BATCH])
+    longer = write_run(tmp_path, "alpha-2", SMOLLM, "counterfact", ["lyaplock"], 5 * BATCH, [0, 5 * BATCH])
+    series = report.build_series(load_runs([started, longer]))
+    for figure in (report.preservation_figure(SMOLLM, series), report.queue_figure(SMOLLM, series)):
+        for ax in visible_axes(figure):
+            drawn = {(x.get_gid() or x.get_label()): x for x in ax.get_lines()}
+            assert drawn
+            for name, x in drawn.items():
+                one_point = len(x.get_xdata()) == 1
+                assert one_point == ("alpha-4" in name), name
+                assert (x.get_marker() == "o") == one_point, name
+
+
 def test_one_queue_figure_compares_the_lyaplock_runs_per_layer(written):
     _, _, plots = written
     queue = visible_axes(plots[2])

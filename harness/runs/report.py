@@ -319,6 +319,12 @@ def retention_figure(model: str, series: list[Series]) -> Plot | None:
                 "one standard error. A line that falls to the right is forgetting.", fig, model)
 
 
+def _lone_point(xs) -> dict:
+    """A run that has made one batch so far (a sweep cell just started) is one point: a line
+    through it draws nothing, so it gets a marker."""
+    return {"marker": "o", "markersize": 4} if len(xs) == 1 else {}
+
+
 def preservation_figure(model: str, series: list[Series]) -> Plot | None:
     layers = list(dict.fromkeys(
         layer for s in series for layer in s.run.layer_series("preservation_loss")
@@ -331,12 +337,12 @@ def preservation_figure(model: str, series: list[Series]) -> Plot | None:
         for line in series:
             xs, ys = line.run.layer_series("preservation_loss").get(layer, ([], []))
             if xs:
-                ax.plot(xs, ys, color=line.color, linestyle=line.linestyle, label=line.label)
+                ax.plot(xs, ys, color=line.color, linestyle=line.linestyle, label=line.label, **_lone_point(xs))
                 plotted += ys
             txs, tys = line.run.layer_series("threshold").get(layer, ([], []))
             if txs:
                 ax.plot(txs, tys, color=line.color, linestyle=THRESHOLD_LINESTYLE, linewidth=1.2,
-                        label=THRESHOLD_LABEL, gid=f"{line.label} threshold")
+                        label=THRESHOLD_LABEL, gid=f"{line.label} threshold", **_lone_point(txs))
                 plotted += tys
         _log_if_wide(ax, plotted)
         ax.set(title=f"layer {layer}", xlabel=EDITS_AXIS)
@@ -386,7 +392,7 @@ def queue_figure(model: str, series: list[Series]) -> Plot | None:
         for line in variants:
             xs, ys = line.run.layer_series("q").get(layer, ([], []))
             if xs:
-                ax.plot(xs, ys, color=line.color, linestyle=line.linestyle, label=line.label)
+                ax.plot(xs, ys, color=line.color, linestyle=line.linestyle, label=line.label, **_lone_point(xs))
         ax.set(title=f"layer {layer}", xlabel=EDITS_AXIS)
         ax.set_ylabel(Q_AXIS, fontsize=8)
         ax.grid(alpha=0.3)
