@@ -359,6 +359,9 @@ def test_checkpoints_score_a_stratified_sample_and_the_last_one_every_record(tin
         assert fluency["scored"] == n_fluency and fluency["field"] == "fluency_sample"
         assert [d["doc"]["case_id"] for d in samples["counterfact_edit_generation"]] == fluency["case_ids"]
         assert results["n-samples"]["counterfact_edit_scores"]["effective"] == n_scores
+        # lm-eval's own count says the same, chunked or not
+        assert results["results"]["counterfact_edit_scores"]["sample_len"] == n_scores
+        assert results["results"]["counterfact_edit_generation"]["sample_len"] == n_fluency
         # the reported efficacy is the stratified estimate from the per-record values
         values = {d["doc"]["case_id"]: d["efficacy"] for d in samples["counterfact_edit_scores"]}
         mean, stderr = stratified_mean(values, plan)

@@ -133,6 +133,9 @@ def _join_chunks(task: str, parts: list[dict]) -> dict:
         res["samples"] = {task: [doc for p in parts for doc in p["samples"][task]]}
         n = len(res["samples"][task])
         res.setdefault("n-samples", {})[task] = {**res.get("n-samples", {}).get(task, {}), "effective": n}
+        # lm-eval's per-task count is the last chunk's
+        if "sample_len" in res.get("results", {}).get(task, {}):
+            res["results"][task]["sample_len"] = n
     return res
 
 
