@@ -7,6 +7,7 @@ are skipped elsewhere with the install command.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import os
@@ -142,6 +143,8 @@ def test_preservation_loss_per_layer_with_dashed_thresholds_and_log_axis(written
         assert sorted(x.get_gid() for x in thresholds) == [
             "lyaplock (counterfact) threshold", "lyaplock (zsre) threshold"]
         assert all(x.get_linestyle() == "--" for x in thresholds)
+        # two thresholds in one panel: each is labelled with its run
+        assert sorted(t.get_text() for t in ax.texts) == ["lyaplock (counterfact)", "lyaplock (zsre)"]
         assert all(x.get_linestyle() != "--" for x in ax.get_lines() if x not in thresholds)
         assert ax.get_yscale() == "log"  # memit grows 400-fold over 20 batches
     # the caption says when each line crossed the threshold: (b + 1)^2 > 60 from batch 7 (80 edits)
@@ -153,6 +156,11 @@ def test_preservation_loss_per_layer_with_dashed_thresholds_and_log_axis(written
     series = [s for s in report.build_series(load_runs(runs[:1])) if s.run.method == "lyaplock"]
     alone = report.preservation_figure(SMOLLM, series)
     assert {a.get_yscale() for a in visible_axes(alone)} == {"linear"}
+    assert not any(a.texts for a in visible_axes(alone))  # one threshold needs no name
+    # thresholds of different methods are told apart by colour: no names piled on them
+    both = [s for s in report.build_series(load_runs(runs)) if s.run.method == "lyaplock"][:2]
+    both[1] = dataclasses.replace(both[1], color="tab:orange")
+    assert not any(a.texts for a in visible_axes(report.preservation_figure(SMOLLM, both)))
 
 
 def test_a_run_one_batch_long_is_drawn_as_a_point(tmp_path):

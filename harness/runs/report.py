@@ -333,7 +333,7 @@ def preservation_figure(model: str, series: list[Series]) -> Plot | None:
         return None
     fig, axes = _grid(len(layers), f"Preservation loss per layer vs number of edits: {model}")
     for ax, layer in zip(axes, layers):
-        plotted = []
+        plotted, thresholds = [], []
         for line in series:
             xs, ys = line.run.layer_series("preservation_loss").get(layer, ([], []))
             if xs:
@@ -344,6 +344,15 @@ def preservation_figure(model: str, series: list[Series]) -> Plot | None:
                 ax.plot(txs, tys, color=line.color, linestyle=THRESHOLD_LINESTYLE, linewidth=1.2,
                         label=THRESHOLD_LABEL, gid=f"{line.label} threshold", **_lone_point(txs))
                 plotted += tys
+                middle = len(txs) // 2
+                thresholds.append((line, txs[middle], tys[middle]))
+        if len(thresholds) > 1 and len({line.color for line, _, _ in thresholds}) == 1:
+            # a sweep of one method: its runs share the colour and a dashed line has no style of
+            # its own, so each threshold names its run, under its middle, where the held losses are
+            # not (with several methods the colours tell them apart, and names would pile up)
+            for line, x, y in thresholds:
+                ax.annotate(line.label, (x, y), xytext=(0, -2), textcoords="offset points", ha="center",
+                            va="top", fontsize=7, color=line.color)
         _log_if_wide(ax, plotted)
         ax.set(title=f"layer {layer}", xlabel=EDITS_AXIS)
         ax.set_ylabel(PRESERVATION_AXIS, fontsize=8)
