@@ -242,6 +242,10 @@ class SequentialRun:
 
     def run_method(self, plan: MethodPlan) -> None:
         progress = self.restore(plan, self.load_model(plan))
+        # the bar counts edits, so its rate and ETA are those of editing: loading a model and
+        # scoring a checkpoint (hours, at the end of a long run) are left out of its clock, or one
+        # evaluation would read as edits slowed a thousandfold; the forecast line covers them
+        self.bar.unpause()
         cfg = self.cfg
         for point in plan.checkpoints:
             if point < progress.done:
@@ -252,6 +256,7 @@ class SequentialRun:
             if progress.unsaved_batches:  # the state at every checkpoint is saved (once)
                 self.save_state(plan, progress)
             self.evaluate(plan, progress, point)
+            self.bar.unpause()
 
     # -- step 2: a method's model at its last saved batch
     def load_model(self, plan: MethodPlan):
@@ -392,7 +397,7 @@ class SequentialRun:
                          f"edited records) about {final / 60:.0f} min")
             text += f" = {eval_h:.1f} h of evaluation"
         finish = time.strftime("%Y-%m-%d %H:%M", time.localtime(time.time() + total_h * 3600))
-        return text + f"; done about {finish} if nothing else runs"
+        return text + f"; done about {finish} if nothing else runs (the bar's ETA counts editing only)"
 
     def _record_setup(self, method: str, name: str, value: float) -> None:
         """One-off costs of each (re)start of a method, appended to ``<method>/setup.jsonl``."""
