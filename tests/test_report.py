@@ -452,11 +452,24 @@ def test_capability_figure_draws_perplexity_and_the_subsets_above_chance(tmp_pat
     axes = visible_axes(plot)
     assert [a.get_title() for a in axes] == ["wikitext_edit", "edit_glue_sst2"]
     assert list(line(axes[0], "memit").get_ydata()) == [75.0, 85.0, 95.0]
+    assert axes[0].get_yscale() == "linear" and "log axis" not in plot.caption
     assert line(axes[1], "chance (0.5)").get_linestyle() == ":"
     assert "At chance before editing, so not drawn: mmlu (z = 0.0)." in plot.caption
     # the general figure keeps the rest and leaves out what the capability figure draws
     general = [a.get_title() for a in visible_axes(plots["general_capability"])]
     assert "gsm8k_edit" in general and not any(t.startswith(("edit_glue_sst2", "wikitext")) for t in general)
+
+    # once one run's perplexity has risen more than tenfold, a linear axis would flatten the others
+    path = run / "memit" / "checkpoints" / "edits_000100" / "results.json"
+    results = json.loads(path.read_text())
+    results["results"]["wikitext_edit"]["word_perplexity,none"] = 1200.0
+    path.write_text(json.dumps(results))
+    plot = next(p for p in report.build_plots(load_runs([run])) if p.stem.split("_", 1)[1] == "capability")
+    assert visible_axes(plot)[0].get_yscale() == "log" and "log axis" in plot.caption
+    plot.figure.canvas.draw()
+    labels = [t.get_text() for t in visible_axes(plot)[0].get_yticklabels() if t.get_visible() and t.get_text()]
+    assert {"100", "200", "500", "1000"} <= set(labels)
+    assert visible_axes(plot)[1].get_yscale() == "linear"
 
 
 def test_a_rewritten_report_leaves_no_stale_figures(tmp_path):

@@ -33,6 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from harness.runs import leaderboard
 from harness.runs.resultsdir import (
@@ -52,6 +53,9 @@ SECONDS_AXIS = "seconds per batch"
 PRESERVATION_AXIS = "preservation loss D_t (mean squared output change)"
 Q_AXIS = "queue weight q = a·Z (dimensionless)"
 LOG_SCALE_SPAN = 100.0  # a series spanning more than two decades is drawn on a log axis
+# perplexity compounds: one method's tenfold rise (AlphaEdit's at 3,000 edits) would flatten the
+# others' curves on a linear axis
+PERPLEXITY_LOG_SPAN = 10.0
 FIGURES_DIR = "figures"
 PANEL_SIZE = (4.6, 3.4)  # inches per panel
 MAX_COLUMNS = 3
@@ -230,10 +234,17 @@ def _plot_with_band(ax, line: Series, xs: list, means: list, errs: list) -> None
                         color=line.color, alpha=0.15)
 
 
-def _log_if_wide(ax, values: list[float]) -> None:
+def _log_if_wide(ax, values: list[float], span: float = LOG_SCALE_SPAN) -> None:
     positive = [v for v in values if v > 0]
-    if positive and max(positive) / min(positive) > LOG_SCALE_SPAN:
-        ax.set_yscale("log")
+    if not positive or max(positive) / min(positive) <= span:
+        return
+    ax.set_yscale("log")
+    if max(positive) / min(positive) < LOG_SCALE_SPAN:
+        # within two decades the default ticks label one or two powers of ten: 1-2-5 steps in
+        # plain numbers let the values be read off
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def editing_figure(model: str, series: list[Series]) -> Plot | None:
@@ -544,10 +555,14 @@ def capability_figure(model: str, series: list[Series]) -> Plot | None:
         return None
     fig, axes = _grid(len(panels), f"General capability a small model shows: {model}")
     for ax, (task, key, ylabel, chance) in zip(axes, panels):
+        plotted = []
         for line in series:
             xs, means, errs = _task_points(line.run, task, key)
             if xs:
                 _plot_with_band(ax, line, xs, means, errs)
+                plotted += means
+        if (task, key) == PERPLEXITY:
+            _log_if_wide(ax, plotted, PERPLEXITY_LOG_SPAN)
         if chance is not None:
             ax.axhline(chance, color="0.4", linestyle=":", linewidth=1, label=f"chance ({chance:g})")
         ax.set(title=task, xlabel=EDITS_AXIS, ylabel=ylabel)
@@ -556,6 +571,9 @@ def capability_figure(model: str, series: list[Series]) -> Plot | None:
     caption = ("Perplexity of held-out WikiText-2 articles, and each edit_glue subset on which the "
                f"pre-edited model's likelihood accuracy is at least {ABOVE_CHANCE_Z:g} standard errors "
                "above chance (dotted). A rising perplexity or a fall towards chance is lost ability.")
+    if axes[0].get_yscale() == "log":
+        caption += (f" Perplexity is drawn on a log axis: it spans more than {PERPLEXITY_LOG_SPAN:g}-fold "
+                    "across the runs.")
     if at_chance:
         caption += " At chance before editing, so not drawn: " + ", ".join(at_chance) + "."
     return Plot(_stem(model, "capability"), f"General capability: {model}", caption, fig, model)
