@@ -236,10 +236,11 @@ def _plot_with_band(ax, line: Series, xs: list, means: list, errs: list) -> None
 
 def _log_if_wide(ax, values: list[float], span: float = LOG_SCALE_SPAN) -> None:
     positive = [v for v in values if v > 0]
-    if not positive or max(positive) / min(positive) <= span:
+    ratio = max(positive) / min(positive) if positive else 1.0
+    if ratio <= span:
         return
     ax.set_yscale("log")
-    if max(positive) / min(positive) < LOG_SCALE_SPAN:
+    if ratio < LOG_SCALE_SPAN:
         # within two decades the default ticks label one or two powers of ten: 1-2-5 steps in
         # plain numbers let the values be read off
         ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
