@@ -380,7 +380,7 @@ def test_checkpoints_score_a_stratified_sample_and_the_last_one_every_record(tin
     SequentialRun(cfg, progress=False).run()
     # after its first batch the run says how long the rest will take, checkpoints included
     assert re.search(r"\[memit\] forecast: 10 edits left at [0-9.]+ s/edit = [0-9.]+ h of editing; "
-                     r"2 checkpoints at about \d+ min, the last \(every one of 12 edited records\) about \d+ min = "
+                     r"1 sampled checkpoint at about \d+ min and the last \(every one of 12 edited records\) about \d+ min = "
                      r"[0-9.]+ h of evaluation", capsys.readouterr().out)
 
     def checkpoint(point):

@@ -391,11 +391,15 @@ class SequentialRun:
             final = sum(f for _, f in after) / len(after)
             eval_h = ((points_left - finals_left) * per_checkpoint + finals_left * final) / 3600
             total_h += eval_h
-            text += f"; {points_left} checkpoints at about {per_checkpoint / 60:.0f} min"
+            parts = []
+            sampled_left = points_left - finals_left
+            if sampled_left:
+                parts.append(f"{sampled_left} sampled checkpoint{'s' if sampled_left != 1 else ''} "
+                             f"at about {per_checkpoint / 60:.0f} min")
             if finals_left:
-                text += (f", the last{' of each method' if later else ''} (every one of {cfg.num_edits:,} "
-                         f"edited records) about {final / 60:.0f} min")
-            text += f" = {eval_h:.1f} h of evaluation"
+                parts.append(f"the last{' of each method' if later else ''} (every one of {cfg.num_edits:,} "
+                             f"edited records) about {final / 60:.0f} min")
+            text += "; " + (" and ".join(parts) or "no checkpoints") + f" = {eval_h:.1f} h of evaluation"
         finish = time.strftime("%Y-%m-%d %H:%M", time.localtime(time.time() + total_h * 3600))
         return text + f"; done about {finish} if nothing else runs (the bar's ETA counts editing only)"
 
