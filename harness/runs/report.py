@@ -266,11 +266,16 @@ def editing_figure(model: str, series: list[Series]) -> Plot | None:
         ax.set(title=spec.title, xlabel=EDITS_AXIS, ylabel=spec.axis_label)
         ax.grid(alpha=0.3)
     _finish(fig, axes)
-    return Plot(_stem(model, "editing_metrics"), f"Editing metrics: {model}",
-                "Mean over the edited records at each evaluated checkpoint (0 = pre-edited; where a "
-                "checkpoint scored a sample, the stratified estimate from it); "
-                "shaded: ± one standard error; a red cross on the axis: the run computed NaN/Inf "
-                "there (see the notes).", fig, model)
+    caption = ("Mean over the edited records at each evaluated checkpoint (0 = pre-edited; where a "
+               "checkpoint scored a sample, the stratified estimate from it); "
+               "shaded: ± one standard error; a red cross on the axis: the run computed NaN/Inf "
+               "there (see the notes).")
+    if any(s.name == "fluency" for s in specs):
+        # n-gram entropy was designed to catch repetition; a collapsed model's incoherent text
+        # scores high on it, so a rising fluency line is no sign of health on its own
+        caption += (" Fluency falls when generated text repeats itself, not when it loses its sense: "
+                    "read it beside perplexity in the general-capability figure.")
+    return Plot(_stem(model, "editing_metrics"), f"Editing metrics: {model}", caption, fig, model)
 
 
 EDITS_SINCE_AXIS = "edits made after the records were edited"

@@ -88,7 +88,8 @@ EDITING_METRICS = (
     EditingMetric(COUNTERFACT, "specificity", "Spe.", "specificity (% of neighbours)",
                   "% of neighbourhood prompts where the true object still wins"),
     EditingMetric(COUNTERFACT, "fluency", "Flu.", "fluency (n-gram entropy x100)",
-                  "weighted 2-/3-gram entropy of generated text, x100"),
+                  "weighted 2-/3-gram entropy of generated text, x100; it falls when text repeats "
+                  "itself, not when it loses its sense, so read it beside perplexity"),
     EditingMetric(COUNTERFACT, "consistency", "Consis.", "consistency (TF-IDF cosine x100)",
                   "TF-IDF similarity of generated text to reference text about the new object, x100"),
     EditingMetric(ZSRE, "efficacy", "Eff.", "efficacy (% of target tokens)",
