@@ -137,7 +137,7 @@ def test_editing_panels_one_line_per_method_with_the_run_numbers(written):
 def test_editing_caption_warns_that_fluency_does_not_see_incoherence_only_where_fluency_is_drawn(
         written, tmp_path):
     _, page, plots = written
-    warning = "Fluency falls when generated text repeats itself, not when it loses its sense"
+    warning = "CounterFact fluency: it falls when text repeats itself, not when it loses its sense"
     assert "CounterFact fluency" in [a.get_title() for a in visible_axes(plots[0])]
     assert warning in plots[0].caption and html.escape(warning) in page.read_text(encoding="utf-8")
     zsre_only = write_run(tmp_path, "zsre_only", SMOLLM, "zsre", ["memit"], 2 * BATCH, [0, 2 * BATCH])

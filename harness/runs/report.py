@@ -270,11 +270,7 @@ def editing_figure(model: str, series: list[Series]) -> Plot | None:
                "checkpoint scored a sample, the stratified estimate from it); "
                "shaded: ± one standard error; a red cross on the axis: the run computed NaN/Inf "
                "there (see the notes).")
-    if any(s.name == "fluency" for s in specs):
-        # n-gram entropy was designed to catch repetition; a collapsed model's incoherent text
-        # scores high on it, so a rising fluency line is no sign of health on its own
-        caption += (" Fluency falls when generated text repeats itself, not when it loses its sense: "
-                    "read it beside perplexity in the general-capability figure.")
+    caption += "".join(f" {s.title}: {s.caveat}." for s in specs if s.caveat)
     return Plot(_stem(model, "editing_metrics"), f"Editing metrics: {model}", caption, fig, model)
 
 

@@ -66,13 +66,19 @@ class EditingMetric:
     name: str  # lm-eval metric name, before the ",<filter>"
     label: str  # column header of the LyapLock paper's Table 1
     axis_label: str  # with units, for plots
-    definition: str
+    meaning: str
+    # a limit of the metric a reader must know; said in its definition and in every figure caption
+    caveat: str | None = None
     # read from the driver's retention rows ("first_batch" -> this metric) instead of lm-eval's
     retention_of: str | None = None
 
     @property
     def key(self) -> str:
         return f"{self.dataset.name}/{self.name}"
+
+    @property
+    def definition(self) -> str:
+        return f"{self.meaning}; {self.caveat}" if self.caveat else self.meaning
 
     @property
     def title(self) -> str:
@@ -88,8 +94,9 @@ EDITING_METRICS = (
     EditingMetric(COUNTERFACT, "specificity", "Spe.", "specificity (% of neighbours)",
                   "% of neighbourhood prompts where the true object still wins"),
     EditingMetric(COUNTERFACT, "fluency", "Flu.", "fluency (n-gram entropy x100)",
-                  "weighted 2-/3-gram entropy of generated text, x100; it falls when text repeats "
-                  "itself, not when it loses its sense, so read it beside perplexity"),
+                  "weighted 2-/3-gram entropy of generated text, x100",
+                  caveat="it falls when text repeats itself, not when it loses its sense, "
+                  "so read it beside perplexity"),
     EditingMetric(COUNTERFACT, "consistency", "Consis.", "consistency (TF-IDF cosine x100)",
                   "TF-IDF similarity of generated text to reference text about the new object, x100"),
     EditingMetric(ZSRE, "efficacy", "Eff.", "efficacy (% of target tokens)",
