@@ -359,6 +359,26 @@ def test_the_forecast_scales_a_sampled_task_s_seconds_to_the_last_checkpoint_s_r
     assert checkpoint_seconds({"seqedit": {"evaluation_seconds": {"edit_glue": 7.0}}}, 10_000) == (7.0, 7.0)
 
 
+def test_the_forecast_leaves_out_the_pre_edited_checkpoints_the_later_methods_copy(tmp_path):
+    """Every method after the first copies the pre-edited checkpoint instead of scoring it again,
+    so the forecast after the first batch counts only their checkpoints after an edit."""
+    from harness.runs.config import RunConfig
+    from harness.runs.driver import SequentialRun, checkpoint_results_path
+
+    cfg = RunConfig(model_name="tiny-llama", methods=["memit", "alphaedit", "lyaplock"], num_edits=1000,
+                    edit_batch_size=100, eval_every=500, tasks=["edit_glue"], eval_sample=None,
+                    output_dir=str(tmp_path / "run"))
+    run = SequentialRun(cfg, progress=False)
+    pre_edited = checkpoint_results_path(tmp_path / "run" / "memit", 0)
+    pre_edited.parent.mkdir(parents=True)
+    pre_edited.write_text(json.dumps({"seqedit": {"evaluation_seconds": {"edit_glue": 600.0}}}))
+    text = run._forecast("memit", {"edit_seconds": 100.0, "batch_size": 100, "edits_done": 100})
+    # memit: 500 and 1,000 edits; alphaedit and lyaplock: the same two each, not 0 edits again
+    assert "2,900 edits left at 1.00 s/edit = 0.8 h of editing" in text
+    assert "3 earlier checkpoints at about 10 min and the last of each method" in text
+    assert "= 1.0 h of evaluation" in text
+
+
 def test_checkpoints_score_a_stratified_sample_and_the_last_one_every_record(tiny_dir, tmp_path, capsys,
                                                                               monkeypatch):
     """eval_sample / fluency_sample bound what a checkpoint scores: the first batch always, a
@@ -380,7 +400,7 @@ def test_checkpoints_score_a_stratified_sample_and_the_last_one_every_record(tin
     SequentialRun(cfg, progress=False).run()
     # after its first batch the run says how long the rest will take, checkpoints included
     assert re.search(r"\[memit\] forecast: 10 edits left at [0-9.]+ s/edit = [0-9.]+ h of editing; "
-                     r"1 sampled checkpoint at about \d+ min and the last \(every one of 12 edited records\) about \d+ min = "
+                     r"1 earlier checkpoint at about \d+ min and the last \(every one of 12 edited records\) about \d+ min = "
                      r"[0-9.]+ h of evaluation", capsys.readouterr().out)
 
     def checkpoint(point):

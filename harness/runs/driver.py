@@ -380,8 +380,11 @@ class SequentialRun:
         # checkpoints after editing began if there are any, else the pre-edited one (a sample of the
         # same size)
         after = [x for p, x in measured.items() if p] or list(measured.values())
-        points_left = sum(1 for p in cfg.checkpoints() if p >= first_batch["edits_done"]
-                          and not self._checkpoint_path(method, p).exists()) + len(cfg.checkpoints()) * len(later)
+        # the later methods copy this one's pre-edited checkpoint (_copy_pre_edited), so only their
+        # checkpoints after an edit cost evaluation
+        points_left = (sum(1 for p in cfg.checkpoints() if p >= first_batch["edits_done"]
+                           and not self._checkpoint_path(method, p).exists())
+                       + sum(1 for p in cfg.checkpoints() if p) * len(later))
         finals_left = int(not self._checkpoint_path(method, cfg.num_edits).exists()) + len(later)
         editing_h = edits_left * rate / 3600
         text = f"forecast: {edits_left:,} edits left at {rate:.2f} s/edit = {editing_h:.1f} h of editing"
@@ -392,9 +395,10 @@ class SequentialRun:
             eval_h = ((points_left - finals_left) * per_checkpoint + finals_left * final) / 3600
             total_h += eval_h
             parts = []
-            sampled_left = points_left - finals_left
-            if sampled_left:
-                parts.append(f"{sampled_left} sampled checkpoint{'s' if sampled_left != 1 else ''} "
+            # "earlier", not "sampled": with eval_sample null every checkpoint scores every record
+            earlier_left = points_left - finals_left
+            if earlier_left:
+                parts.append(f"{earlier_left} earlier checkpoint{'s' if earlier_left != 1 else ''} "
                              f"at about {per_checkpoint / 60:.0f} min")
             if finals_left:
                 parts.append(f"the last{' of each method' if later else ''} (every one of {cfg.num_edits:,} "
