@@ -67,7 +67,8 @@ class EditingMetric:
     label: str  # column header of the LyapLock paper's Table 1
     axis_label: str  # with units, for plots
     meaning: str
-    # a limit of the metric a reader must know; said in its definition and in every figure caption
+    # a limit of the metric a reader must know; said in its definition and in the caption of the
+    # figure that draws it
     caveat: str | None = None
     # read from the driver's retention rows ("first_batch" -> this metric) instead of lm-eval's
     retention_of: str | None = None
