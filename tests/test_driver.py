@@ -399,9 +399,14 @@ def test_checkpoints_score_a_stratified_sample_and_the_last_one_every_record(tin
                     overrides={"memit": TINY})
     SequentialRun(cfg, progress=False).run()
     # after its first batch the run says how long the rest will take, checkpoints included
+    out = capsys.readouterr().out
     assert re.search(r"\[memit\] forecast: 10 edits left at [0-9.]+ s/edit = [0-9.]+ h of editing; "
                      r"1 earlier checkpoint at about \d+ min and the last \(every one of 12 edited records\) about \d+ min = "
-                     r"[0-9.]+ h of evaluation", capsys.readouterr().out)
+                     r"[0-9.]+ h of evaluation", out)
+    # without a bar (a sweep cell's log file) every batch writes a line with the editing left
+    batches = re.findall(r"\[memit\] (\d+)/12 edits; batch \d+ s; editing left about [0-9.]+ h, checkpoints not counted",
+                         out)
+    assert batches == [str(n) for n in range(2, 13, 2)]
 
     def checkpoint(point):
         d = tmp_path / "run" / "memit" / "checkpoints" / f"edits_{point:06d}"

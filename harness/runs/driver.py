@@ -140,6 +140,9 @@ class MethodProgress:
     unsaved_batches: int = 0  # batches applied since the edit state was last saved
     forecast_due: bool = True
     prepare_recorded: bool = False
+    # this process's editing clock, for the per-batch line written when there is no progress bar
+    edit_seconds: float = 0.0
+    edits_timed: int = 0
 
 
 class SequentialRun:
@@ -330,6 +333,8 @@ class SequentialRun:
             os.fsync(fh.fileno())
         progress.unsaved_batches += 1
         self.bar.update(record["batch_size"])
+        if not self.progress:
+            self.bar.write(self._batch_line(plan.method, progress, record))
         if progress.unsaved_batches >= self.cfg.save_every:
             self.save_state(plan, progress)
         return record
@@ -364,6 +369,18 @@ class SequentialRun:
         self.bar.write(f"[{method} @ {point} edits] " + summarize(results))
 
     # -- what the steps share
+    def _batch_line(self, method: str, progress: MethodProgress, record: dict) -> str:
+        """One line per batch where no bar is drawn (a sweep cell writes to a log file): edits done,
+        this batch's seconds and the editing left at this process's mean rate."""
+        progress.edit_seconds += record["edit_seconds"]
+        progress.edits_timed += record["batch_size"]
+        later = self.methods[self.methods.index(method) + 1:]
+        edits_left = self.cfg.num_edits - progress.done + self.cfg.num_edits * len(later)
+        left_h = edits_left * progress.edit_seconds / progress.edits_timed / 3600
+        return (f"[{method}] {progress.done:,}/{self.cfg.num_edits:,} edits; batch {record['edit_seconds']:.0f} s; "
+                f"editing left about {left_h:.1f} h{' (this method and the later ones)' if later else ''}, "
+                "checkpoints not counted")
+
     def _forecast(self, method: str, first_batch: dict) -> str:
         """What is left of this process's work, in hours, from this batch's seconds per edit and the
         evaluation seconds of the checkpoints on disk (the pre-edited one if none later)."""
