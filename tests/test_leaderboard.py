@@ -344,6 +344,29 @@ def test_runs_of_one_method_on_the_same_data_are_rows_named_by_their_directory(t
     assert {r.labels[0] for r in general.rows if not r.reference} == {"memit (alpha-2)", "memit (alpha-4)", "memit"}
 
 
+def test_pre_edited_rows_that_differ_between_runs_are_noted_and_round_off_is_not(tmp_path):
+    """A 3,000-edit run and a 10,000-edit run score their pre-edited model on samples drawn over
+    different records: the board shows the first run's row and says the other differs; a
+    perplexity that differs in its sixth digit (another machine) is the same."""
+    short = write_run(tmp_path, "short", SMOLLM, "counterfact", ["memit"], 50, [0, 50])
+    long = write_run(tmp_path, "long", SMOLLM, "counterfact", ["alphaedit"], 50, [0, 50])
+    path = long / "alphaedit" / "checkpoints" / "edits_000000" / "results.json"
+    data = json.loads(path.read_text())
+    data["results"]["edit_glue_sst2"]["accuracy,none"] *= 1 + 2e-6
+    path.write_text(json.dumps(data))
+    board = leaderboard.build_leaderboard(load_runs([short, long]))
+    assert not any("pre-edited checkpoints" in n for n in board.notes)
+
+    data["results"]["counterfact_edit_scores"]["efficacy,none"] = 30.0
+    path.write_text(json.dumps(data))
+    board = leaderboard.build_leaderboard(load_runs([short, long]))
+    notes = [n for n in board.notes if "pre-edited checkpoints" in n]
+    assert notes == [f"Pre-edited {SMOLLM}, editing metrics: the pre-edited checkpoints of long differ from "
+                     "that of short by more than round-off (they scored other records); showing short (the first given)"]
+    table = board.tables[0]
+    assert texts(table, row_of(table, "Pre-edited", SMOLLM))["CounterFact Eff."].startswith(f"{PRE_CF[0]:.2f}")
+
+
 # ---------------------------------------------------------------------------- general capability
 
 

@@ -23,6 +23,7 @@ import argparse
 import csv
 import html
 import io
+import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -192,6 +193,7 @@ def editing_table(method_runs: list[MethodRun], edits: int, notes: list[str]) ->
     for model in _unique(m.model for m in method_runs):
         of_model = [m for m in method_runs if m.model == model]
         pre = _merge(of_model, 0, MethodRun.editing_at)
+        notes.extend(pre.disagreement_notes(f"{PRE_EDITED} {model}, editing metrics"))
         rows.append(Row(model, (PRE_EDITED, model), 0, reference=True, values=pre.values))
         names = row_names(of_model)
         for method in _unique(names.values()):
@@ -257,6 +259,7 @@ def general_table(method_runs: list[MethodRun], edits: int, notes: list[str]) ->
     for model in _unique(m.model for m in method_runs):
         of_model = [m for m in method_runs if m.model == model]
         pre = _merge(of_model, 0, MethodRun.general_at)
+        notes.extend(pre.disagreement_notes(f"{PRE_EDITED} {model}, general capability"))
         rows.append(Row(model, (PRE_EDITED, model, MISSING), 0, reference=True, values=pre.values))
         names = row_names(of_model)
         for method, edit_data in _unique((names[id(m)], m.edit_data) for m in of_model):
@@ -309,6 +312,7 @@ def relative_change(value: float, reference: float) -> float | None:
 class _Merged:
     values: dict
     providers: dict  # key -> run directory names that reported it, in preference order
+    differing: dict  # key -> run directory names whose values of it differ from the shown one
 
     def conflict_notes(self, what: str) -> list[str]:
         clashes = sorted({tuple(runs) for runs in self.providers.values() if len(runs) > 1})
@@ -317,6 +321,22 @@ class _Merged:
             "(the first given)"
             for runs in clashes
         ]
+
+    def disagreement_notes(self, what: str) -> list[str]:
+        """The pre-edited rows of runs that lent one another their checkpoint agree; those of runs
+        that scored different records (samples drawn over different numbers of edits) do not, and
+        the reader is told whose row is shown."""
+        clashes = sorted({(self.providers[key][0], *runs) for key, runs in self.differing.items() if runs})
+        return [
+            f"{what}: the pre-edited checkpoints of {', '.join(runs[1:])} differ from that of {runs[0]} "
+            f"by more than round-off (they scored other records); showing {runs[0]} (the first given)"
+            for runs in clashes
+        ]
+
+
+def _same(a: float, b: float) -> bool:
+    # two machines' BLAS differ in the fifth or sixth digit of a perplexity: that is not a difference
+    return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b))
 
 
 def _merge(sources: list[MethodRun], edits: int, extract: Callable) -> _Merged:
@@ -327,12 +347,14 @@ def _merge(sources: list[MethodRun], edits: int, extract: Callable) -> _Merged:
     """
     reported = [(m, extract(m, edits)) for m in sources]
     reported.sort(key=lambda item: item[0].dataset is None)
-    values, providers = {}, {}
+    values, providers, differing = {}, {}, {}
     for key in _unique(k for _, found in reported for k in found):
         candidates = [(m, found[key]) for m, found in reported if key in found]
         values[key] = candidates[0][1]
         providers[key] = _unique(m.run_path.name for m, _ in candidates)
-    return _Merged(values, providers)
+        differing[key] = _unique(m.run_path.name for m, v in candidates
+                                 if not _same(v.mean, candidates[0][1].mean))
+    return _Merged(values, providers, differing)
 
 
 def _higher_is_better(metric: GeneralMetric, method_runs: list[MethodRun]) -> bool:
