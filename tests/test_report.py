@@ -484,6 +484,31 @@ def test_capability_figure_draws_perplexity_and_the_subsets_above_chance(tmp_pat
     assert visible_axes(plot)[1].get_yscale() == "linear"
 
 
+def overlapping_texts(plot) -> list[str]:
+    """The figure's title against its legend, as drawn: a one-panel figure is narrow, and its
+    title is centred over the legend's column too."""
+    figure = plot.figure
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    title = figure._suptitle.get_window_extent(renderer)
+    return [plot.stem for legend in figure.legends if title.overlaps(legend.get_window_extent(renderer))]
+
+
+def test_no_title_runs_into_its_legend(written, tmp_path):
+    _, _, plots = written
+    run = write_run(tmp_path, "ppl", SMOLLM, "zsre", ["memit", "lyaplock"], 100, [0, 50, 100])
+    for method in ("memit", "lyaplock"):
+        for edits in (0, 50, 100):
+            path = run / method / "checkpoints" / f"edits_{edits:06d}" / "results.json"
+            results = json.loads(path.read_text())
+            results["results"]["wikitext_edit"] = {"word_perplexity,none": 75.0 * (1 + edits),
+                                                   "word_perplexity_stderr,none": "N/A"}
+            path.write_text(json.dumps(results))
+    one_panel = [p for p in report.build_plots(load_runs([run])) if p.stem.endswith("_capability")]
+    assert len(visible_axes(one_panel[0])) == 1
+    assert [stem for plot in [*plots, *one_panel] for stem in overlapping_texts(plot)] == []
+
+
 def test_a_rewritten_report_leaves_no_stale_figures(tmp_path):
     both = write_run(tmp_path, "both", SMOLLM, "counterfact", ["memit", "lyaplock"], 50, [0, 50])
     alone = write_run(tmp_path, "alone", SMOLLM, "counterfact", ["memit"], 50, [0, 50])

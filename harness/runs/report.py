@@ -182,7 +182,12 @@ def _grid(n_panels: int, title: str) -> tuple[Figure, list]:
     axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
     for ax in axes[n_panels:]:
         ax.set_visible(False)
-    fig.suptitle(title, fontsize=13)
+    if cols == 1:
+        # a centred title spans the legend's column too, and on one panel's width a long model
+        # name runs into the legend: start it at the left edge, the model on a line of its own
+        fig.suptitle(title.replace(": ", ":\n", 1), fontsize=13, x=0.02, ha="left")
+    else:
+        fig.suptitle(title, fontsize=13)
     return fig, axes[:n_panels]
 
 
