@@ -417,6 +417,7 @@ def test_prune_runs_get_a_restraint_figure_saying_when_it_acted(tmp_path):
     assert [ln.get_label() for ln in ax.get_lines()] == ["largest singular value of W - W0 (raw)", "bound σ_max(W0)"]
     assert ax.get_lines()[1].get_linestyle() == "--"
     assert "prune_restraint" in plot.stem
+    assert plot.title == f"PRUNE restraint: {plot.model}"
 
 
 def test_retention_figure_follows_the_first_batch_and_profiles_the_last_checkpoint(tmp_path):

@@ -459,7 +459,9 @@ def restraint_figure(line: Series) -> Plot | None:
                  f"{len(first_acts)} of {len(tops)} layers passed the bound.")
     else:
         acted = "No layer's accumulated update passed the bound: the model stayed raw MEMIT."
-    return Plot(_stem(model, line.label, "restraint"), f"PRUNE restraint of {line.label}: {model}",
+    # the plain PRUNE cell needs no run name; an add-on's does ("PRUNE restraint in lyaplock-prune")
+    where = "" if line.run.method == "prune" else f" in {line.label}"
+    return Plot(_stem(model, line.label, "restraint"), f"PRUNE restraint{where}: {model}",
                 "The edits accumulate as plain MEMIT; the model shows the update with every singular "
                 "value above σ_max(W0) (dashed) compressed logarithmically. " + acted, fig, model)
 
