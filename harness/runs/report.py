@@ -459,8 +459,8 @@ def restraint_figure(line: Series) -> Plot | None:
                  f"{len(first_acts)} of {len(tops)} layers passed the bound.")
     else:
         acted = "No layer's accumulated update passed the bound: the model stayed raw MEMIT."
-    # the plain PRUNE cell needs no run name; an add-on's does ("PRUNE restraint in lyaplock-prune")
-    where = "" if line.run.method == "prune" else f" in {line.label}"
+    # a lone plain PRUNE run needs no name; an add-on or a tagged run does ("... in lyaplock-prune")
+    where = "" if line.label == "prune" else f" in {line.label}"
     return Plot(_stem(model, line.label, "restraint"), f"PRUNE restraint{where}: {model}",
                 "The edits accumulate as plain MEMIT; the model shows the update with every singular "
                 "value above σ_max(W0) (dashed) compressed logarithmically. " + acted, fig, model)
