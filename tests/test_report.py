@@ -392,14 +392,15 @@ def test_prune_runs_get_a_restraint_figure_saying_when_it_acted(tmp_path):
     run = tmp_path / "prune_run"
     run.mkdir()
     (run / "manifest.json").write_text(json.dumps({
-        "config": {"methods": ["memit", "prune"], "edit_data": "counterfact", "num_edits": 4 * BATCH},
+        "config": {"methods": ["memit", "prune", "lyaplock-prune"], "edit_data": "counterfact",
+                   "num_edits": 4 * BATCH},
         "model_name": SMOLLM}))
-    for method in ("memit", "prune"):
+    for method in ("memit", "prune", "lyaplock-prune"):
         (run / method).mkdir()
         lines = []
         for b in range(4):
             layers = {str(layer): {"preservation_loss": 1.0 + b} for layer in LAYERS}
-            if method == "prune":  # the last layer passes its bound of 3 after the third batch
+            if method != "memit":  # the last layer passes its bound of 3 after the third batch
                 for k, layer in enumerate(LAYERS):
                     grows = k == len(LAYERS) - 1
                     layers[str(layer)].update(update_sigma_max=(1.0 + b) if grows else 0.5,
@@ -418,6 +419,10 @@ def test_prune_runs_get_a_restraint_figure_saying_when_it_acted(tmp_path):
     assert ax.get_lines()[1].get_linestyle() == "--"
     assert "prune_restraint" in plot.stem
     assert plot.title == f"PRUNE restraint: {plot.model}"
+    assert "accumulate as plain MEMIT" in plot.caption
+    add_on = figures["lyaplock-prune"]  # the add-on's edits are LyapLock's, restrained the same way
+    assert add_on.title == f"PRUNE restraint in lyaplock-prune: {add_on.model}"
+    assert "accumulate as plain LyapLock" in add_on.caption
 
 
 def test_retention_figure_follows_the_first_batch_and_profiles_the_last_checkpoint(tmp_path):

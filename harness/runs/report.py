@@ -437,6 +437,8 @@ def restraint_figure(line: Series) -> Plot | None:
     tops = line.run.layer_series("update_sigma_max")
     if not tops:
         return None
+    # the restraint wraps the editor that makes the edits: MEMIT's for PRUNE, LyapLock's for its add-on
+    raw = "LyapLock" if is_lyaplock(line.run.method) else "MEMIT"
     bounds = line.run.layer_series("sigma_max_W0")
     model = line.run.model
     fig, axes = _grid(len(tops), f"PRUNE restraint: {line.label} on {model}")
@@ -458,11 +460,11 @@ def restraint_figure(line: Series) -> Plot | None:
         acted = (f"The restraint first acted after {edits} edits (layer {layer}); "
                  f"{len(first_acts)} of {len(tops)} layers passed the bound.")
     else:
-        acted = "No layer's accumulated update passed the bound: the model stayed raw MEMIT."
+        acted = f"No layer's accumulated update passed the bound: the model stayed raw {raw}."
     # a lone plain PRUNE run needs no name; an add-on or a tagged run does ("... in lyaplock-prune")
     where = "" if line.label == "prune" else f" in {line.label}"
     return Plot(_stem(model, line.label, "restraint"), f"PRUNE restraint{where}: {model}",
-                "The edits accumulate as plain MEMIT; the model shows the update with every singular "
+                f"The edits accumulate as plain {raw}; the model shows the update with every singular "
                 "value above σ_max(W0) (dashed) compressed logarithmically. " + acted, fig, model)
 
 
