@@ -3,6 +3,7 @@ loaded and before anything is written. Nothing here loads a model (the tests mak
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -59,6 +60,9 @@ BAD_CONFIGS = [
     ({"model": "/nowhere/model.gguf"}, "model /nowhere/model.gguf: no such file"),
     ({"edit_data": "/nowhere/edits.jsonl"}, "edit_data='/nowhere/edits.jsonl' is neither a dataset name"),
     ({"zsre_target": "alternative"}, "zsre_target must be 'answers' or 'alt'"),
+    ({"tasks": ["counterfact_edit", "humaneval_edit"]},
+     "tasks humaneval_edit run model-written programs (in the sandbox); lm-eval runs them only when allowed: "
+     "add confirm_run_unsafe_code: true"),
 ]
 
 
@@ -81,6 +85,17 @@ def test_a_bad_run_config_is_one_line_and_exit_2_before_anything_is_loaded_or_wr
 def test_bad_flags_are_one_line_too(flags, message, tmp_path, capsys, no_model_load):
     rc, lines = run_main(["--output_dir", str(tmp_path / "out"), *flags], capsys)
     assert rc == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_the_code_tasks_are_the_unsafe_ones_and_run_once_allowed(tmp_path):
+    """Read from the tasks' own YAML: exactly the tasks that execute generated code, and a config
+    that allows them validates."""
+    assert config.unsafe_task_names() == {"humaneval_edit", "mbpp_edit"}
+    cfg = config.RunConfig(methods=["memit"], output_dir=str(tmp_path), confirm_run_unsafe_code=True,
+                           tasks=["counterfact_edit", "humaneval_edit", "mbpp_edit"])
+    cfg.validate()
+    with pytest.raises(ConfigError, match="tasks humaneval_edit, mbpp_edit run model-written programs"):
+        dataclasses.replace(cfg, confirm_run_unsafe_code=False).validate()
 
 
 def test_overrides_for_every_method_reach_each_method_and_per_method_ones_win(tmp_path):

@@ -119,6 +119,7 @@ class RunConfig:
             raise ConfigError(f"zsre_target must be 'answers' or 'alt', got {self.zsre_target!r}")
         self._validate_model_path()
         self._validate_methods()
+        self._validate_unsafe_tasks()
         self._validate_edit_data()
 
     def _validate_methods(self) -> None:
@@ -156,6 +157,16 @@ class RunConfig:
             except (ValueError, TypeError, FileNotFoundError) as exc:
                 raise ConfigError(f"{m}: {exc}") from None
 
+    def _validate_unsafe_tasks(self) -> None:
+        # lm-eval refuses these only when it reaches them, after the model has loaded and the
+        # pre-edit checkpoint's other tasks have run (minutes); a sweep would fail every cell alike
+        unsafe = sorted(set(self.tasks) & unsafe_task_names()) if not self.confirm_run_unsafe_code else []
+        if unsafe:
+            raise ConfigError(
+                f"tasks {', '.join(unsafe)} run model-written programs (in the sandbox); lm-eval runs them only "
+                "when allowed: add confirm_run_unsafe_code: true to the config (seqedit run "
+                "--confirm_run_unsafe_code), or leave them out of tasks")
+
     def overrides_for(self, method: str) -> dict:
         return {**self.overrides.get(ALL_METHODS, {}), **self.overrides.get(method, {})}
 
@@ -182,6 +193,24 @@ class RunConfig:
     def checkpoints(self) -> list[int]:
         return sorted({*range(0, self.num_edits + 1, self.eval_every), *self.eval_at, self.num_edits})
 
+
+
+def unsafe_task_names() -> set[str]:
+    """Our tasks whose YAML sets ``unsafe_code`` (they execute generated code)."""
+    from harness import tasks_dir
+
+    class _TagTolerantLoader(yaml.SafeLoader):
+        pass
+
+    # lm-eval's YAML tags (!function) name Python callables; only plain keys are read here
+    _TagTolerantLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    names = set()
+    for path in Path(tasks_dir()).glob("*/*.yaml"):
+        with open(path) as fh:
+            spec = yaml.load(fh, Loader=_TagTolerantLoader) or {}
+        if isinstance(spec, dict) and spec.get("unsafe_code") and isinstance(spec.get("task"), str):
+            names.add(spec["task"])
+    return names
 
 
 def _comma_list(text: str) -> list[str]:
