@@ -226,6 +226,29 @@ def test_refuses_to_mix_configs(tiny_dir, tmp_path):
     SequentialRun(legacy, resume=True)._check_or_write_manifest()
 
 
+def test_a_run_resumes_once_given_the_permission_it_lacked_and_records_it(tiny_dir, tmp_path):
+    """confirm_run_unsafe_code changes no result: a run started without it (whose code task then
+    failed) resumes with it, and its manifest says that it holds the permission from then on."""
+    from harness.runs.config import RunConfig
+    from harness.runs.driver import SequentialRun
+
+    cfg = RunConfig(model=str(tiny_dir), methods=["memit"], num_edits=0, eval_every=2, edit_batch_size=2,
+                    tasks=["counterfact_edit_scores"], output_dir=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    SequentialRun(cfg)._check_or_write_manifest()
+    manifest = tmp_path / "run" / "manifest.json"
+    assert json.loads(manifest.read_text())["config"]["confirm_run_unsafe_code"] is False
+    allowed = RunConfig(**{**cfg.to_dict(), "confirm_run_unsafe_code": True})
+    SequentialRun(allowed, resume=True)._check_or_write_manifest()
+    recorded = json.loads(manifest.read_text())
+    assert recorded["config"]["confirm_run_unsafe_code"] is True
+    assert {k: v for k, v in recorded["config"].items() if k != "confirm_run_unsafe_code"} == {
+        k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != "confirm_run_unsafe_code"}
+    # the other way round it is the same run too (validation refuses a code task without it)
+    SequentialRun(cfg, resume=True)._check_or_write_manifest()
+    assert json.loads(manifest.read_text())["config"]["confirm_run_unsafe_code"] is False
+
+
 def test_config_validation():
     from harness.runs.config import RunConfig
 

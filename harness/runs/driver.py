@@ -71,20 +71,25 @@ def count_as_done_before(bar, n: int) -> None:
 # where the run lives and where caches go do not change its results: a run directory moved or
 # copied elsewhere resumes
 PLACE_KEYS = ("output_dir", "cache_dir", "offload_folder")
+# a permission changes no result either: a run started without it resumes once it is given (the
+# manifest then records it), and a run that needs it cannot resume without it (validation)
+PERMISSION_KEYS = ("confirm_run_unsafe_code",)
 # what a run whose manifest predates a key did: its value there, for the comparison
 LEGACY_VALUES = {"eval_sample": None, "fluency_sample": None, "eval_at": [], "device_map": None}
 
 
 # what the pre-edited checkpoint does not depend on: which methods edit afterwards, with which
 # hyper-parameters, when they are checkpointed, and where files are kept
-PRE_EDIT_INDEPENDENT = ("methods", "hparams", "overrides", "eval_every", "eval_at", "save_every", *PLACE_KEYS)
+PRE_EDIT_INDEPENDENT = ("methods", "hparams", "overrides", "eval_every", "eval_at", "save_every", *PLACE_KEYS,
+                        *PERMISSION_KEYS)
 
 
 def config_differences(recorded: dict, cfg: RunConfig) -> list[str]:
     """The fields in which a run directory's recorded config and ``cfg`` disagree on what is run."""
     new = json.loads(json.dumps(cfg.to_dict()))
     old = {**LEGACY_VALUES, **recorded}
-    return sorted(k for k in set(new) | set(old) if k not in PLACE_KEYS and old.get(k) != new.get(k))
+    return sorted(k for k in set(new) | set(old)
+                  if k not in PLACE_KEYS + PERMISSION_KEYS and old.get(k) != new.get(k))
 
 
 def run_is_complete(cfg: RunConfig) -> bool:
@@ -184,6 +189,11 @@ class SequentialRun:
                     "original config")
             if not self.resume:
                 raise ConfigError(f"{self.out} already holds this run; add --resume to continue it")
+            manifest = json.loads(path.read_text())
+            granted = {k: getattr(self.cfg, k) for k in PERMISSION_KEYS if old.get(k) != getattr(self.cfg, k)}
+            if granted:
+                manifest["config"].update(granted)
+                atomic_write_text(path, json.dumps(manifest, indent=2, default=json_default))
             return
         manifest = {
             "config": self.cfg.to_dict(),
