@@ -160,7 +160,9 @@ class RunConfig:
     def _validate_unsafe_tasks(self) -> None:
         # lm-eval refuses these only when it reaches them, after the model has loaded and the
         # pre-edit checkpoint's other tasks have run (minutes); a sweep would fail every cell alike
-        unsafe = sorted(set(self.tasks) & unsafe_task_names()) if not self.confirm_run_unsafe_code else []
+        if self.confirm_run_unsafe_code:
+            return
+        unsafe = sorted(set(self.tasks) & unsafe_task_names())
         if unsafe:
             raise ConfigError(
                 f"tasks {', '.join(unsafe)} run model-written programs (in the sandbox); lm-eval runs them only "

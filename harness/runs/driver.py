@@ -175,7 +175,8 @@ class SequentialRun:
         path = self.out / "manifest.json"
         if path.exists():
             try:
-                old = json.loads(path.read_text()).get("config", {})
+                manifest = json.loads(path.read_text())
+                old = manifest.setdefault("config", {})
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
                 raise ConfigError(f"{path} is damaged (not a JSON manifest); restore it from a copy, or remove "
                                   "it to adopt this directory with the current config") from None
@@ -189,10 +190,9 @@ class SequentialRun:
                     "original config")
             if not self.resume:
                 raise ConfigError(f"{self.out} already holds this run; add --resume to continue it")
-            manifest = json.loads(path.read_text())
             granted = {k: getattr(self.cfg, k) for k in PERMISSION_KEYS if old.get(k) != getattr(self.cfg, k)}
             if granted:
-                manifest["config"].update(granted)
+                old.update(granted)  # the manifest's own config mapping
                 atomic_write_text(path, json.dumps(manifest, indent=2, default=json_default))
             return
         manifest = {
