@@ -35,22 +35,6 @@ DEFAULT_NUM_EDITS = 20
 DEFAULT_BATCH_SIZE = 10
 
 
-def _parse_layers(value):
-    """'4-8' -> [4..8]; '4|5|6' or '4 5 6' -> [4, 5, 6]; ints and lists pass through."""
-    if value is None or isinstance(value, list):
-        return value
-    if isinstance(value, int):
-        return [value]
-    text = str(value).strip()
-    try:
-        if "-" in text and "|" not in text:
-            lo, hi = (int(x) for x in text.split("-"))
-            return list(range(lo, hi + 1))
-        return [int(x) for x in text.replace("|", " ").split()]
-    except ValueError:
-        raise ConfigError(f"layers={value!r}: expected a range (4-8) or layer numbers (4|5|6)") from None
-
-
 def _resolve_device(device):
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,8 +69,6 @@ class EditingLM(HFLM):
     ):
         self._check_argument_names(kwargs)
         hp_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in EditHparams.keys()}
-        if "layers" in hp_overrides:
-            hp_overrides["layers"] = _parse_layers(hp_overrides["layers"])
         n_requested = whole_number("num_edits", num_edits, minimum=0, allow_none=True)
         self.edit_batch_size = whole_number("edit_batch_size", edit_batch_size, minimum=1)
         if zsre_target not in ("answers", "alt"):

@@ -249,6 +249,49 @@ def test_a_run_resumes_once_given_the_permission_it_lacked_and_records_it(tiny_d
     assert json.loads(manifest.read_text())["config"]["confirm_run_unsafe_code"] is False
 
 
+def test_a_resume_under_changed_hyper_parameter_values_is_refused(tiny_dir, tmp_path):
+    """The manifest names the hparams file; its values are recorded per method too, so that a file
+    edited between two processes (a retuned lambda) cannot continue the old edit state under new
+    values. A description is free text; a method directory from before the record adopts the
+    current values once, and says so."""
+    from harness.runs.config import RunConfig
+    from harness.runs.driver import SequentialRun, run_is_complete
+
+    hp_file = tmp_path / "memit-tuned.yaml"
+    hp_file.write_text("inherit: memit/smollm2-135m\nmom2_update_weight: 15000\ndescription: first\n")
+    cfg = RunConfig(model=str(tiny_dir), methods=["memit"], num_edits=2, eval_every=2, edit_batch_size=2,
+                    tasks=["counterfact_edit_scores"], seed=3, cache_dir=str(tmp_path / "cache"), device="cpu",
+                    hparams={"memit": str(hp_file)}, overrides={"memit": TINY}, output_dir=str(tmp_path / "run"))
+    SequentialRun(cfg, progress=False).run()
+    record = tmp_path / "run" / "memit" / "hparams.json"
+    recorded = json.loads(record.read_text())["hparams"]
+    assert recorded["mom2_update_weight"] == 15000 and recorded["layers"] == [1, 2]
+
+    hp_file.write_text("inherit: memit/smollm2-135m\nmom2_update_weight: 20000\ndescription: retuned\n")
+    with pytest.raises(ConfigError, match=r"other memit hyper-parameters .*mom2_update_weight: 15000.0 -> 20000.0"):
+        SequentialRun(cfg, resume=True, progress=False).run()
+    assert not run_is_complete(cfg)  # a sweep runs the cell, which then says what is wrong
+    # a key the code gained after the record was written: its default is what the run used
+    del recorded["ft_loss"]
+    record.write_text(json.dumps({"method": "memit", "hparams": recorded}))
+    hp_file.write_text("inherit: memit/smollm2-135m\nmom2_update_weight: 15000\ndescription: retuned\n")
+    assert run_is_complete(cfg)
+    SequentialRun(cfg, resume=True, progress=False).run()  # complete, same values: nothing to redo
+
+    record.unlink()  # a run from before the record
+    messages = []
+    legacy = SequentialRun(cfg, resume=True, progress=False)
+    legacy.bar = type("Bar", (), {"write": staticmethod(messages.append)})()
+    legacy._check_or_record_hparams("memit")
+    assert "predates the record" in messages[0]
+    assert json.loads(record.read_text())["hparams"]["mom2_update_weight"] == 15000
+    # an export carries the record, so a committed run refuses the same mix where it is resumed
+    from harness.runs.resultsdir import export_results
+
+    export_results(tmp_path / "run", tmp_path / "exported")
+    assert (tmp_path / "exported" / "memit" / "hparams.json").read_text() == record.read_text()
+
+
 def test_config_validation():
     from harness.runs.config import RunConfig
 

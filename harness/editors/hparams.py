@@ -107,6 +107,22 @@ def family_for_model(method: str, model_name: str) -> str:
     )
 
 
+def parse_layers(value):
+    """'4-8' -> [4..8]; '4|5|6' or '4 5 6' -> [4, 5, 6]; ints and lists pass through."""
+    if value is None or isinstance(value, list):
+        return value
+    if isinstance(value, int):
+        return [value]
+    text = str(value).strip()
+    try:
+        if "-" in text and "|" not in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            return list(range(lo, hi + 1))
+        return [int(x) for x in text.replace("|", " ").split()]
+    except ValueError:
+        raise ConfigError(f"layers={value!r}: expected a range (4-8) or layer numbers (4|5|6)") from None
+
+
 def load_hparams(method: str, hparams: str | os.PathLike | dict | None = None,
                  model_name: str = "", overrides: dict | None = None) -> EditHparams:
     if isinstance(hparams, dict):
@@ -122,7 +138,10 @@ def load_hparams(method: str, hparams: str | os.PathLike | dict | None = None,
                 f"hparams {hparams!r} not found for {method}; available: {available(method)}"
             )
         data = _read(path)
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "layers" in overrides:  # a model arg or a command-line flag gives it as text
+        overrides["layers"] = parse_layers(overrides["layers"])
+    data.update(overrides)
     unknown = set(data) - EditHparams.keys()
     if unknown:
         raise unknown_names_error("hyper-parameter(s)", unknown, EditHparams.keys())

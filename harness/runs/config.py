@@ -124,7 +124,7 @@ class RunConfig:
 
     def _validate_methods(self) -> None:
         from harness.editors import EDITORS
-        from harness.editors.hparams import EditHparams, load_hparams
+        from harness.editors.hparams import EditHparams
         from harness.editors.lyaplock import BASES as bases
 
         for m in self.methods:
@@ -146,16 +146,22 @@ class RunConfig:
             if unknown:
                 raise unknown_names_error(f"hyper-parameter(s) in overrides.{m}:", unknown, EditHparams.keys())
         for m in self.methods:
-            base, _, addon = m.partition("-")
-            over = self.overrides_for(m)
-            if addon:
-                over["base"] = addon
-            over.pop("layers", None)  # may be a "4-8" string, parsed by the wrapper
-            try:
-                load_hparams(base, self.hparams.get(m), model_name=str(self.model or "smollm2-135m-instruct"),
-                             overrides=over)
-            except (ValueError, TypeError, FileNotFoundError) as exc:
-                raise ConfigError(f"{m}: {exc}") from None
+            self.method_hparams(m)
+
+    def method_hparams(self, method: str):
+        """The hyper-parameters ``method`` edits with in this run: its file (named, or the one
+        matching the model) under the run's overrides, as the wrapper resolves them."""
+        from harness.editors.hparams import load_hparams
+
+        base, _, addon = method.partition("-")
+        over = self.overrides_for(method)
+        if addon:
+            over["base"] = addon
+        try:
+            return load_hparams(base, self.hparams.get(method), model_name=str(self.model or "smollm2-135m-instruct"),
+                                overrides=over)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            raise ConfigError(f"{method}: {exc}") from None
 
     def _validate_unsafe_tasks(self) -> None:
         # lm-eval refuses these only when it reaches them, after the model has loaded and the

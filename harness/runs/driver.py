@@ -12,6 +12,8 @@ Output directory::
     <method>/trace.jsonl            one line per edit batch (seconds, preservation loss per layer,
                                     threshold, queue, update norm, target-value loss, RSS)
     <method>/setup.jsonl            one-off seconds of each (re)start: model load, editor prepare
+    <method>/hparams.json           the hyper-parameters it edits with, resolved; a resume under
+                                    other values is refused
     <method>/checkpoints/edits_000050/results.json   lm-eval's results format (seconds per task
                                     under "seqedit")
     <method>/state/edit_state.pt    edited weights + editor state + RNG states (atomic writes)
@@ -36,10 +38,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.editors.hparams import EditHparams
 from harness.errors import ConfigError, UserError
 from harness.runs.config import RunConfig, build_parser
 from harness.runs.environment import git_commit, hardware, memory_mb, versions
 from harness.runs.evaluation import checkpoint_seconds, evaluate, summarize, task_manager_for
+from harness.runs.resultsdir import HPARAMS_FILE
 from harness.runs.storage import (
     atomic_write_text,
     checkpoint_problem,
@@ -78,6 +82,10 @@ PERMISSION_KEYS = ("confirm_run_unsafe_code",)
 LEGACY_VALUES = {"eval_sample": None, "fluency_sample": None, "eval_at": [], "device_map": None}
 
 
+# a free-text description changes no edit
+HPARAMS_NOT_COMPARED = ("description",)
+
+
 # what the pre-edited checkpoint does not depend on: which methods edit afterwards, with which
 # hyper-parameters, when they are checkpointed, and where files are kept
 PRE_EDIT_INDEPENDENT = ("methods", "hparams", "overrides", "eval_every", "eval_at", "save_every", *PLACE_KEYS,
@@ -92,6 +100,25 @@ def config_differences(recorded: dict, cfg: RunConfig) -> list[str]:
                   if k not in PLACE_KEYS + PERMISSION_KEYS and old.get(k) != new.get(k))
 
 
+def hparams_differences(method_dir: Path, method: str, cfg: RunConfig) -> list[str] | None:
+    """How the hyper-parameters recorded in ``method_dir`` differ from those ``cfg`` resolves to for
+    ``method`` ("key: old -> new"), or None where none are recorded. The manifest names the hparams
+    file, not its values: a file edited between two processes (a retuned lambda) would otherwise
+    continue the old edit state, and add checkpoints to the old ones, under new values unnoticed."""
+    path = method_dir / HPARAMS_FILE
+    if not path.exists():
+        return None
+    try:
+        recorded = json.loads(path.read_text())["hparams"]
+        recorded = {**json.loads(json.dumps(EditHparams().to_dict())), **recorded}  # a key added since: its default
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path} is damaged; restore it from a copy, or remove it to adopt this method's "
+                          "results under the current hyper-parameters") from None
+    current = json.loads(json.dumps(cfg.method_hparams(method).to_dict()))
+    return [f"{k}: {json.dumps(recorded.get(k))} -> {json.dumps(current[k])}" for k in sorted(current)
+            if k not in HPARAMS_NOT_COMPARED and recorded.get(k) != current[k]]
+
+
 def run_is_complete(cfg: RunConfig) -> bool:
     """Whether ``cfg.output_dir`` already holds this run, every checkpoint of every method
     finished: read only, so that a sweep can skip a cell without starting a process for it."""
@@ -100,7 +127,7 @@ def run_is_complete(cfg: RunConfig) -> bool:
         recorded = json.loads((out / "manifest.json").read_text()).get("config", {})
     except (OSError, ValueError, AttributeError):
         return False
-    if config_differences(recorded, cfg):
+    if config_differences(recorded, cfg) or any(hparams_differences(out / m, m, cfg) for m in cfg.methods):
         return False  # the run itself says what is wrong
     return all(checkpoint_problem(checkpoint_results_path(out / m, p), m, p) is None
                for m in cfg.methods for p in cfg.checkpoints())
@@ -217,6 +244,7 @@ class SequentialRun:
         self.bar = tqdm(total=total, desc="sequential run", unit="edit", disable=not self.progress, dynamic_ncols=True)
         for method in self.methods:
             with method_lock(self._method_dir(method)):
+                self._check_or_record_hparams(method)
                 plan = self.plan(method)
                 if plan.complete:
                     # every result is on disk: nothing to redo, even where state/ was not kept (a
@@ -227,6 +255,23 @@ class SequentialRun:
                 self.run_method(plan)
         self.bar.close()
         return self.out
+
+    def _check_or_record_hparams(self, method: str) -> None:
+        """Refuse to continue a method whose recorded hyper-parameters differ from those this config
+        resolves to, or record them. Called under the method's lock."""
+        mdir = self._method_dir(method)
+        changed = hparams_differences(mdir, method, self.cfg)
+        if changed is None:
+            if any(p.name != ".lock" for p in mdir.iterdir()):
+                self.bar.write(f"[{method}] the run predates the record of resolved hyper-parameters: recording "
+                               "the current ones, assumed to be those it ran with")
+            current = json.loads(json.dumps(self.cfg.method_hparams(method).to_dict()))
+            atomic_write_text(mdir / HPARAMS_FILE, json.dumps({"method": method, "hparams": current}, indent=2))
+        elif changed:
+            raise ConfigError(
+                f"{mdir} was edited with other {method} hyper-parameters than this config resolves to "
+                f"({'; '.join(changed)}); refusing to mix them: restore the hyper-parameter file or overrides, "
+                "or choose another --output_dir")
 
     def _method_dir(self, method: str) -> Path:
         return self.out / method

@@ -28,6 +28,7 @@ MANIFEST_FILE = "manifest.json"
 TRACE_FILE = "trace.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 RESULTS_FILE = "results.json"
+HPARAMS_FILE = "hparams.json"  # a method's resolved hyper-parameters (the driver writes it)
 CHECKPOINT_PATTERN = re.compile(r"^edits_(\d+)$")
 
 STDERR_SUFFIX = "_stderr"
@@ -326,7 +327,7 @@ class RunDir:
 
 # what a run directory's results are, as opposed to its working files (edit states, a checkpoint's
 # partial evaluation, locks, half-written temporaries): the files worth committing or sharing
-RESULT_FILES = (MANIFEST_FILE, f"*/{TRACE_FILE}", "*/setup.jsonl", f"*/{CHECKPOINTS_DIR}/edits_*/{RESULTS_FILE}",
+RESULT_FILES = (MANIFEST_FILE, f"*/{TRACE_FILE}", f"*/{HPARAMS_FILE}", "*/setup.jsonl", f"*/{CHECKPOINTS_DIR}/edits_*/{RESULTS_FILE}",
                 f"*/{CHECKPOINTS_DIR}/edits_*/samples.json")
 
 
