@@ -11,6 +11,7 @@ commands:
   sweep        a grid of runs, one run directory per cell (seqedit sweep --help)
   leaderboard  tables from run directories (seqedit leaderboard --help)
   report       plots + HTML report from run directories (seqedit report --help)
+  status       where a run or sweep stands: edits, checkpoints, scores, time left (seqedit status --help)
   export       copy a run directory's results without its edit states (seqedit export --help)
   paths        print the embedded model file, task directory and bundled data
   hub-cache    put a hub dataset (e.g. nyu-mll/glue) into the datasets cache from local files,
@@ -65,6 +66,10 @@ def _dispatch(command: str, rest: list[str]) -> int:
         from harness.runs.report import main as report_main
 
         return report_main(rest)
+    if command == "status":
+        from harness.runs.status import main as status_main
+
+        return status_main(rest)
     if command == "export":
         from harness.runs.resultsdir import export_main
 

@@ -137,6 +137,20 @@ def checkpoint_results_path(method_dir: Path, point: int) -> Path:
     return method_dir / "checkpoints" / f"edits_{point:06d}" / "results.json"
 
 
+def checkpoint_costs(method_dir: Path, points, n_records: int) -> tuple[float, float] | None:
+    """(seconds of an earlier checkpoint, seconds of the last, which scores every one of ``n_records``
+    records) as measured by the checkpoints of ``method_dir`` on disk: those after editing began if
+    there are any, else the pre-edited one (a sample of the same size); None before any was scored."""
+    measured = {}
+    for p in points:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            measured[p] = checkpoint_seconds(json.loads(checkpoint_results_path(method_dir, p).read_text()), n_records)
+    after = [x for p, x in measured.items() if p] or list(measured.values())
+    if not after:
+        return None
+    return sum(x for x, _ in after) / len(after), sum(f for _, f in after) / len(after)
+
+
 @dataclass
 class MethodPlan:
     """What one method of a run still has to do, read from its directory before a model is loaded."""
@@ -443,15 +457,7 @@ class SequentialRun:
         rate = first_batch["edit_seconds"] / max(1, first_batch["batch_size"])
         later = self.methods[self.methods.index(method) + 1:]
         edits_left = cfg.num_edits - first_batch["edits_done"] + cfg.num_edits * len(later)
-        measured = {}
-        for p in cfg.checkpoints():
-            path = self._checkpoint_path(method, p)
-            if path.exists():
-                with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-                    measured[p] = checkpoint_seconds(json.loads(path.read_text()), cfg.num_edits)
-        # checkpoints after editing began if there are any, else the pre-edited one (a sample of the
-        # same size)
-        after = [x for p, x in measured.items() if p] or list(measured.values())
+        costs = checkpoint_costs(self._method_dir(method), cfg.checkpoints(), cfg.num_edits)
         # the later methods copy this one's pre-edited checkpoint (_copy_pre_edited), so only their
         # checkpoints after an edit cost evaluation
         points_left = (sum(1 for p in cfg.checkpoints() if p >= first_batch["edits_done"]
@@ -461,9 +467,8 @@ class SequentialRun:
         editing_h = edits_left * rate / 3600
         text = f"forecast: {edits_left:,} edits left at {rate:.2f} s/edit = {editing_h:.1f} h of editing"
         total_h = editing_h
-        if after:
-            per_checkpoint = sum(x for x, _ in after) / len(after)
-            final = sum(f for _, f in after) / len(after)
+        if costs:
+            per_checkpoint, final = costs
             eval_h = ((points_left - finals_left) * per_checkpoint + finals_left * final) / 3600
             total_h += eval_h
             parts = []

@@ -38,6 +38,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from harness.runs import leaderboard
 from harness.runs.resultsdir import (
     EDITING_METRICS,
+    PERPLEXITY,
     GeneralMetric,
     MethodRun,
     RunDir,
@@ -510,7 +511,6 @@ def edit_time_figure(model: str, series: list[Series]) -> Plot | None:
                 "(evaluation excluded).", fig, model)
 
 
-PERPLEXITY = ("wikitext_edit", "word_perplexity,none")
 GLUE_SUBSET_PREFIX = "edit_glue_"
 LIKELIHOOD_ACCURACY = "acc_likelihood,none"
 ABOVE_CHANCE_Z = 2.0  # a subset counts as above chance when the pre-edited model is 2 stderr over it

@@ -137,6 +137,9 @@ class GeneralMetric:
         return name if filt in ("", DEFAULT_FILTER) else f"{name} [{filt}]"
 
 
+# the general-capability measure a small model shows best: (task, lm-eval metric key)
+PERPLEXITY = ("wikitext_edit", "word_perplexity,none")
+
 # groups whose subtasks also show one metric of their own: edit_glue's pooled accuracy mixes the one
 # subset a small model scores above chance (SST-2) with five at chance
 PER_SUBTASK_METRICS = {"edit_glue": "acc_likelihood,none"}

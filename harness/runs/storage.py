@@ -151,14 +151,14 @@ def remove_stale_temporaries(directory: Path, recursive: bool = True, locked: bo
         suffix = tmp.name.rpartition(".tmp")[2]
         if not suffix.isdigit() or not tmp.is_file():
             continue
-        if not locked and _process_alive(int(suffix)):
+        if not locked and process_alive(int(suffix)):
             continue
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # this process is not writing while it cleans
     try:
