@@ -103,9 +103,8 @@ def collect(path: Path) -> list[MethodStatus]:
     for run in load_runs([path]):
         cfg = _config(run.config)
         by_method = {m.method: m for m in run.methods}
-        name = run.path.name if run.path != path else path.name
         for method in cfg.methods:
-            statuses.append(method_status(name, method, run.path / method, cfg, by_method.get(method)))
+            statuses.append(method_status(run.name, method, run.path / method, cfg, by_method.get(method)))
     return statuses
 
 
