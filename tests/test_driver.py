@@ -425,6 +425,26 @@ def test_the_forecast_scales_a_sampled_task_s_seconds_to_the_last_checkpoint_s_r
     assert checkpoint_seconds({"seqedit": {"evaluation_seconds": {"edit_glue": 7.0}}}, 10_000) == (7.0, 7.0)
 
 
+def test_checkpoint_costs_take_the_median_so_one_slowed_checkpoint_does_not_inflate_them(tmp_path):
+    """A Gemma checkpoint that shared the cores with a test run took 1,201 s against 579-656 s for
+    the others; the forecast and ``seqedit status`` estimate from the median of those measured
+    after editing began (the pre-edited one only while there is none)."""
+    from harness.runs.driver import checkpoint_costs, checkpoint_results_path
+
+    def write(point, seconds):
+        path = checkpoint_results_path(tmp_path, point)
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"seqedit": {"evaluation_seconds": {"edit_glue": seconds}}}))
+
+    points = [0, 500, 1000, 1500, 2000]
+    assert checkpoint_costs(tmp_path, points, 2000) is None
+    write(0, 605.0)
+    assert checkpoint_costs(tmp_path, points, 2000) == (605.0, 605.0)
+    for point, seconds in ((500, 1201.0), (1000, 656.0), (1500, 579.0)):
+        write(point, seconds)
+    assert checkpoint_costs(tmp_path, points, 2000) == (656.0, 656.0)
+
+
 def test_the_forecast_leaves_out_the_pre_edited_checkpoints_the_later_methods_copy(tmp_path):
     """Every method after the first copies the pre-edited checkpoint instead of scoring it again,
     so the forecast after the first batch counts only their checkpoints after an edit."""

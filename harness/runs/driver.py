@@ -33,6 +33,7 @@ import logging
 import os
 import random
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -140,7 +141,9 @@ def checkpoint_results_path(method_dir: Path, point: int) -> Path:
 def checkpoint_costs(method_dir: Path, points, n_records: int) -> tuple[float, float] | None:
     """(seconds of an earlier checkpoint, seconds of the last, which scores every one of ``n_records``
     records) as measured by the checkpoints of ``method_dir`` on disk: those after editing began if
-    there are any, else the pre-edited one (a sample of the same size); None before any was scored."""
+    there are any, else the pre-edited one (a sample of the same size); None before any was scored.
+    The median, not the mean: one checkpoint that shared the cores with other work (twice as slow)
+    would otherwise inflate every estimate after it."""
     measured = {}
     for p in points:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -148,7 +151,7 @@ def checkpoint_costs(method_dir: Path, points, n_records: int) -> tuple[float, f
     after = [x for p, x in measured.items() if p] or list(measured.values())
     if not after:
         return None
-    return sum(x for x, _ in after) / len(after), sum(f for _, f in after) / len(after)
+    return statistics.median(x for x, _ in after), statistics.median(f for _, f in after)
 
 
 @dataclass
