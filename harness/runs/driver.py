@@ -101,6 +101,11 @@ def config_differences(recorded: dict, cfg: RunConfig) -> list[str]:
                   if k not in PLACE_KEYS + PERMISSION_KEYS and old.get(k) != new.get(k))
 
 
+def _as_json(hparams: EditHparams) -> dict:
+    """Hyper-parameters as their record holds them (tuples as lists), so the two compare equal."""
+    return json.loads(json.dumps(hparams.to_dict()))
+
+
 def hparams_differences(method_dir: Path, method: str, cfg: RunConfig) -> list[str] | None:
     """How the hyper-parameters recorded in ``method_dir`` differ from those ``cfg`` resolves to for
     ``method`` ("key: old -> new"), or None where none are recorded. The manifest names the hparams
@@ -111,11 +116,11 @@ def hparams_differences(method_dir: Path, method: str, cfg: RunConfig) -> list[s
         return None
     try:
         recorded = json.loads(path.read_text())["hparams"]
-        recorded = {**json.loads(json.dumps(EditHparams().to_dict())), **recorded}  # a key added since: its default
+        recorded = {**_as_json(EditHparams()), **recorded}  # a key added since: its default
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"{path} is damaged; restore it from a copy, or remove it to adopt this method's "
                           "results under the current hyper-parameters") from None
-    current = json.loads(json.dumps(cfg.method_hparams(method).to_dict()))
+    current = _as_json(cfg.method_hparams(method))
     return [f"{k}: {json.dumps(recorded.get(k))} -> {json.dumps(current[k])}" for k in sorted(current)
             if k not in HPARAMS_NOT_COMPARED and recorded.get(k) != current[k]]
 
@@ -282,8 +287,8 @@ class SequentialRun:
             if any(p.name != ".lock" for p in mdir.iterdir()):
                 self.bar.write(f"[{method}] the run predates the record of resolved hyper-parameters: recording "
                                "the current ones, assumed to be those it ran with")
-            current = json.loads(json.dumps(self.cfg.method_hparams(method).to_dict()))
-            atomic_write_text(mdir / HPARAMS_FILE, json.dumps({"method": method, "hparams": current}, indent=2))
+            record = {"method": method, "hparams": _as_json(self.cfg.method_hparams(method))}
+            atomic_write_text(mdir / HPARAMS_FILE, json.dumps(record, indent=2))
         elif changed:
             raise ConfigError(
                 f"{mdir} was edited with other {method} hyper-parameters than this config resolves to "
