@@ -462,6 +462,9 @@ def test_capability_figure_draws_perplexity_and_the_subsets_above_chance(tmp_pat
             results["results"]["edit_glue_sst2"] = {"acc_likelihood,none": 0.71 - 0.001 * edits,
                                                     "acc_likelihood_stderr,none": 0.046}
             results["results"]["edit_glue_mmlu"] = {"acc_likelihood,none": 0.25, "acc_likelihood_stderr,none": 0.044}
+            # one solved problem of fifty, with lm-eval's stderr: the general figure must show the noise
+            results["results"]["gsm8k_edit"] = {"exact_match,flexible-extract": 0.02 if edits < 100 else 0.0,
+                                                "exact_match_stderr,flexible-extract": 0.02 if edits < 100 else 0.0}
             results["configs"] = {"edit_glue_sst2": {"doc_to_choice": ["negative", "positive"]},
                                   "edit_glue_mmlu": {"doc_to_choice": ["A", "B", "C", "D"]}}
             path.write_text(json.dumps(results))
@@ -476,6 +479,10 @@ def test_capability_figure_draws_perplexity_and_the_subsets_above_chance(tmp_pat
     # the general figure keeps the rest and leaves out what the capability figure draws
     general = [a.get_title() for a in visible_axes(plots["general_capability"])]
     assert "gsm8k_edit" in general and not any(t.startswith(("edit_glue_sst2", "wikitext")) for t in general)
+    gsm8k = next(a for a in visible_axes(plots["general_capability"]) if a.get_title() == "gsm8k_edit")
+    band = gsm8k.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.max() == pytest.approx(0.04) and band.min() == pytest.approx(0.0)
+    assert "standard error" in plots["general_capability"].caption
 
     # once one run's perplexity has risen more than tenfold, a linear axis would flatten the others
     path = run / "memit" / "checkpoints" / "edits_000100" / "results.json"

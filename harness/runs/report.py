@@ -603,17 +603,20 @@ def general_figure(model: str, series: list[Series]) -> Plot | None:
     fig, axes = _grid(len(metrics), f"General capability vs number of edits: {model}")
     for ax, metric in zip(axes, metrics):
         for line in series:
-            xs, means, _, faults = _checkpoint_points(line.run, general, metric)
+            xs, means, errs, faults = _checkpoint_points(line.run, general, metric)
             _mark_faults(ax, faults, line.color)
             if xs:
-                ax.plot(xs, means, marker="o", markersize=3, color=line.color,
-                        linestyle=line.linestyle, label=line.label)
+                _plot_with_band(ax, line, xs, means, errs)
         ax.set(title=metric.task, xlabel=EDITS_AXIS, ylabel=metric.label)
         ax.grid(alpha=0.3)
     _finish(fig, axes)
+    # math and code on a small model are a handful of solved problems: a step of one problem
+    # must not read as lost ability, hence the band and the sentence
     return Plot(_stem(model, "general_capability"), f"General capability: {model}",
                 "lm-eval metrics of the general-capability tasks at each checkpoint "
-                "(0 = pre-edited).", fig, model)
+                "(0 = pre-edited); shaded: ± one standard error where lm-eval gives one. "
+                "A change inside the shading is one or two problems, not lost ability; "
+                "look for a fall that leaves it.", fig, model)
 
 
 def build_plots(runs: list[RunDir]) -> list[Plot]:
