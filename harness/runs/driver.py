@@ -45,6 +45,7 @@ from harness.runs.config import RunConfig, build_parser
 from harness.runs.environment import git_commit, hardware, memory_mb, versions
 from harness.runs.evaluation import checkpoint_seconds, evaluate, summarize, task_manager_for
 from harness.runs.resultsdir import HPARAMS_FILE
+from harness.runs.runaway import runaway_layers
 from harness.runs.storage import (
     atomic_write_text,
     checkpoint_problem,
@@ -197,6 +198,7 @@ class MethodProgress:
     # this process's editing clock, for the per-batch line written when there is no progress bar
     edit_seconds: float = 0.0
     edits_timed: int = 0
+    runaway_warned: set = dataclasses.field(default_factory=set)  # layers already warned about
 
 
 class SequentialRun:
@@ -412,6 +414,7 @@ class SequentialRun:
         self.bar.update(record["batch_size"])
         if not self.progress:
             self.bar.write(self._batch_line(plan.method, progress, record))
+        self.warn_runaway(plan.method, progress)
         if progress.unsaved_batches >= self.cfg.save_every:
             self.save_state(plan, progress)
         return record
@@ -446,6 +449,14 @@ class SequentialRun:
         self.bar.write(f"[{method} @ {point} edits] " + summarize(results))
 
     # -- what the steps share
+    def warn_runaway(self, method: str, progress: MethodProgress) -> None:
+        """Say once per layer when its per-batch update starts growing geometrically: hours before
+        a checkpoint would show the model breaking."""
+        for runaway in runaway_layers(progress.lm.trace):
+            if runaway.layer not in progress.runaway_warned:
+                progress.runaway_warned.add(runaway.layer)
+                self.bar.write(f"[{method}] warning: {runaway.describe()}")
+
     def _batch_line(self, method: str, progress: MethodProgress, record: dict) -> str:
         """One line per batch where no bar is drawn (a sweep cell writes to a log file): edits done,
         this batch's seconds and the editing left at this process's mean rate."""

@@ -1,7 +1,9 @@
 """``seqedit status``: where a run or a sweep stands, read from its files (also while it runs).
 
 One line per method: whether a process is editing it, the edits traced so far, the checkpoints on
-disk, the newest checkpoint's headline scores, the recent seconds per edit and the hours left.
+disk, the newest checkpoint's headline scores, the recent seconds per edit and the hours left;
+below the table, a warning for each unfinished method whose edits are running away
+(:mod:`harness.runs.runaway`).
 Nothing is locked or written, so it is safe to call on a directory a run is writing.
 """
 
@@ -23,6 +25,7 @@ from harness.runs.resultsdir import (
     RunDirError,
     load_runs,
 )
+from harness.runs.runaway import runaway_layers
 from harness.runs.storage import checkpoint_problem, process_alive
 
 RECENT_BATCHES = 5  # the rate of the last few batches: a resume or a slower phase shows at once
@@ -41,6 +44,7 @@ class MethodStatus:
     latest: str  # the newest checkpoint's headline scores, "" before any
     seconds_per_edit: float | None
     hours_left: float | None
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def _config(config: dict) -> RunConfig:
@@ -95,7 +99,9 @@ def method_status(run_name: str, method: str, method_dir: Path, cfg: RunConfig,
     if found and found.checkpoints:
         newest = max(found.checkpoints)
         latest = _headline(newest, found.checkpoints[newest], found.dataset)
-    return MethodStatus(run_name, method, state, edits, cfg.num_edits, done, points, latest, rate, hours)
+    # a finished run's last batches are history; one still editing is told while it can be stopped
+    runaways = [] if state == "complete" else [r.describe() for r in runaway_layers(trace)]
+    return MethodStatus(run_name, method, state, edits, cfg.num_edits, done, points, latest, rate, hours, runaways)
 
 
 def collect(path: Path) -> list[MethodStatus]:
@@ -118,6 +124,7 @@ def render(statuses: list[MethodStatus]) -> str:
                      f"{s.hours_left:.1f} h" if s.hours_left is not None else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines += [f"warning: {s.run}/{s.method}: {w}" for s in statuses for w in s.warnings]
     timed = [s.hours_left for s in statuses if s.hours_left is not None]
     untimed = sum(1 for s in statuses if s.state == "not started")
     if len(timed) > 1 or (timed and untimed):
